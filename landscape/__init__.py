@@ -1,0 +1,48 @@
+"""landscape: loss-landscape diagnostics for PyTorch optimizers.
+
+Measures, on the user's own model, the directional sharpness of every optimizer's update direction
+(Pan & Li, "Toward Understanding Why Adam Converges Faster Than SGD for Transformers"), the (L0, L1)
+local smoothness along the real training trajectory (Crawshaw et al., "Robustness to Unbounded
+Smoothness of Generalized SignSGD"), and the loss along each update direction.
+
+Example:
+    >>> import torch, landscape as ls
+    >>> model = torch.nn.Linear(3, 1)
+    >>> batch = (torch.randn(8, 3), torch.randn(8, 1))
+    >>> obj = ls.Objective(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]), batch)
+    >>> g = obj.grad()
+    >>> res = ls.directional_sharpness(obj, {"gd": g})
+    >>> res["gd"].value > 0
+    True
+"""
+
+from landscape import tree
+from landscape._version import __version__
+from landscape.curvature import (
+    Sharpness,
+    TraceEstimate,
+    directional_sharpness,
+    hessian_trace,
+    hvp,
+    loss_along,
+    top_eigenvalues,
+)
+from landscape.objective import DeterminismError, MicroBatches, Objective
+
+__all__ = [
+    "__version__",
+    # the function being measured
+    "Objective",
+    "MicroBatches",
+    "DeterminismError",
+    # curvature
+    "hvp",
+    "directional_sharpness",
+    "Sharpness",
+    "loss_along",
+    "top_eigenvalues",
+    "hessian_trace",
+    "TraceEstimate",
+    # helpers
+    "tree",
+]
