@@ -18,16 +18,7 @@ Example:
 
 from landscape import tree
 from landscape._version import __version__
-from landscape.curvature import (
-    Sharpness,
-    TraceEstimate,
-    directional_sharpness,
-    hessian_trace,
-    hvp,
-    loss_along,
-    top_eigenvalues,
-)
-from landscape.objective import DeterminismError, MicroBatches, Objective
+# from landscape.curvature import (...)   -- being written
 
 __all__ = [
     "__version__",
