@@ -18,7 +18,16 @@ Example:
 
 from landscape import tree
 from landscape._version import __version__
-# from landscape.curvature import (...)   -- being written
+from landscape.curvature import (
+    Sharpness,
+    TraceEstimate,
+    directional_sharpness,
+    hessian_trace,
+    hvp,
+    loss_along,
+    top_eigenvalues,
+)
+from landscape.objective import DeterminismError, MicroBatches, NonFiniteError, Objective
 
 __all__ = [
     "__version__",
@@ -26,6 +35,7 @@ __all__ = [
     "Objective",
     "MicroBatches",
     "DeterminismError",
+    "NonFiniteError",
     # curvature
     "hvp",
     "directional_sharpness",

@@ -1,0 +1,285 @@
+"""Curvature of the objective: Hessian-vector products, directional sharpness, eigenvalues, traces.
+
+The central quantity is the *directional sharpness* of an update direction ``u`` (Pan & Li, "Toward
+Understanding Why Adam Converges Faster Than SGD for Transformers", §3):
+
+    S(u) = ûᵀ ∇²f(x) û,    û = u / ‖u‖₂,
+
+computed by Hessian-vector products, never by materialising the Hessian. When ``S(u) < 0`` the seed
+(Appendix B.3, Eq. 4) reports the δ-shifted value ûᵀ ∇²f(x + δû) û with δ = 0.01 instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from landscape import tree
+from landscape.objective import Objective
+
+__all__ = [
+    "SHIFT_POLICIES",
+    "Sharpness",
+    "TraceEstimate",
+    "directional_sharpness",
+    "hessian_trace",
+    "hvp",
+    "loss_along",
+    "top_eigenvalues",
+]
+
+SHIFT_POLICIES = ("never", "negative", "always")
+Point = Mapping[str, Tensor] | None
+
+
+@dataclass(frozen=True)
+class Sharpness:
+    """Directional sharpness of one update direction ``u`` (where a step moves ``x`` to ``x − η·u``).
+
+    Attributes:
+        value: the reported sharpness: ``raw``, or ``shifted_value`` when the shift was used.
+        raw: ``ûᵀ ∇²f(x) û``.
+        shifted: whether the δ-shifted value was reported.
+        shifted_value: ``ûᵀ ∇²f(x + δû) û`` when it was computed (``None`` otherwise).
+        grad_correlation: ``G = ∇f(x)ᵀ û`` (positive: ``x − η·u`` descends).
+        update_norm: ``‖u‖₂``.
+        best_step: the quadratic model's best step ``s* = G / S`` along ``−û`` (``None`` when ``S ≤ 0``).
+        predicted_reduction: the quadratic model's loss reduction ``G² / (2S)`` at ``s*`` (``None``
+            when ``S ≤ 0``).
+        loss: ``f(x)``.
+        delta: the shift δ.
+        mode: the objective's mode (``"eval"`` or ``"train"``).
+    """
+
+    value: float
+    raw: float
+    shifted: bool
+    shifted_value: float | None
+    grad_correlation: float
+    update_norm: float
+    best_step: float | None
+    predicted_reduction: float | None
+    loss: float
+    delta: float
+    mode: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def hvp(objective: Objective, v: Mapping[str, Tensor], at: Point = None) -> dict[str, Tensor]:
+    """Hessian-vector product ``∇²f(at)·v`` (``at`` defaults to the model's current parameters)."""
+    return objective.hvp(v, at)
+
+
+def _unit(objective: Objective, name: str, u: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], float]:
+    missing = [n for n in objective.names if n not in u]
+    if missing:
+        raise KeyError(f"direction {name!r} lacks measured parameters {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    sub = {n: u[n] for n in objective.names}
+    bad = tree.nonfinite_names(sub)
+    if bad:
+        raise ValueError(f"direction {name!r} has non-finite entries in {bad[:5]}")
+    try:
+        return tree.normalize(sub)
+    except ValueError as e:
+        raise ValueError(f"direction {name!r}: {e}") from None
+
+
+def directional_sharpness(
+    objective: Objective,
+    directions: Mapping[str, Mapping[str, Tensor]],
+    *,
+    at: Point = None,
+    shift: str = "negative",
+    delta: float = 0.01,
+) -> dict[str, Sharpness]:
+    """Directional sharpness ``ûᵀ∇²f(x)û`` of K named directions, measured together.
+
+    All K directions share one gradient with ``create_graph=True`` at ``x``; each then costs one backward
+    pass through the retained graph. A shifted value needs a fresh second-order evaluation at
+    ``x + δû`` (one per shifted direction).
+
+    Args:
+        objective: the function being measured.
+        directions: ``{name: u}``; each ``u`` is keyed like ``objective.names`` (extra keys are ignored,
+            so a pseudo-update covering more parameters can be restricted with ``include=``). Only the
+            direction matters: each is normalised to ``û = u/‖u‖₂``.
+        at: the parameter point (default: the model's current parameters).
+        shift: ``"never"``, ``"negative"`` (the seed's rule: use ``ûᵀ∇²f(x+δû)û`` when the plain value
+            is negative) or ``"always"`` (compute both, report the shifted one).
+        delta: δ of the shift (seed 002, Appendix B.3, Eq. 4: 0.01).
+
+    Returns:
+        ``{name: Sharpness}`` in the order given.
+    """
+    if shift not in SHIFT_POLICIES:
+        raise ValueError(f"shift must be one of {SHIFT_POLICIES}, got {shift!r}")
+    if not math.isfinite(delta):
+        raise ValueError(f"delta must be finite, got {delta}")
+    if not directions:
+        return {}
+    names = list(directions)
+    units: list[dict[str, Tensor]] = []
+    norms: list[float] = []
+    for name in names:
+        uhat, n = _unit(objective, name, directions[name])
+        units.append(uhat)
+        norms.append(n)
+
+    def quad(i: int, hv: dict[str, Tensor]) -> float:
+        return float(tree.dot(units[i], hv))
+
+    loss, grad, raws = objective.second_order(units, at, reduce=quad)
+    point = objective._point(at)
+    out: dict[str, Sharpness] = {}
+    for i, name in enumerate(names):
+        raw = float(raws[i])
+        g_corr = float(tree.dot(grad, units[i]))
+        shifted_value = None
+        if shift == "always" or (shift == "negative" and raw < 0):
+            shifted_at = tree.axpy(delta, {n: units[i][n].to(point[n].dtype) for n in objective.names}, point)
+            _, _, (shifted_value,) = objective.second_order([units[i]], shifted_at, reduce=quad)
+            shifted_value = float(shifted_value)
+        use_shift = shifted_value is not None
+        value = shifted_value if use_shift else raw
+        best = pred = None
+        if value > 0:
+            best = g_corr / value
+            pred = g_corr * g_corr / (2 * value)
+        out[name] = Sharpness(
+            value=value,
+            raw=raw,
+            shifted=use_shift,
+            shifted_value=shifted_value,
+            grad_correlation=g_corr,
+            update_norm=norms[i],
+            best_step=best,
+            predicted_reduction=pred,
+            loss=loss,
+            delta=delta,
+            mode=objective.mode,
+        )
+    return out
+
+
+def loss_along(
+    objective: Objective, direction: Mapping[str, Tensor], steps: Sequence[float] | np.ndarray, *, at: Point = None
+) -> np.ndarray:
+    """The landscape line ``ℓ(s) = f(x − s·û)`` for each ``s`` in ``steps``, ``û = u/‖u‖₂``.
+
+    The step is normalised by the update's ℓ2 norm as in seed 002, Figures 2–4: ``s`` is the distance
+    travelled in parameter space. Forward passes only.
+    """
+    uhat, _ = _unit(objective, "direction", direction)
+    return objective.losses_along(uhat, np.asarray(steps, dtype=np.float64), at)
+
+
+def _flat_operator(objective: Objective, at: Point, counter: list[int] | None = None):
+    point = objective._point(at)
+    like = {n: point[n] for n in objective.names}
+    size = tree.numel(like)
+
+    def matvec(x: np.ndarray) -> np.ndarray:
+        v = tree.unflatten(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).reshape(-1)), like)
+        hv = objective.hvp(v, point)
+        if counter is not None:
+            counter[0] += 1
+        return tree.flatten(hv, objective.names).detach().double().cpu().numpy()
+
+    return size, matvec, point
+
+
+def top_eigenvalues(
+    objective: Objective,
+    k: int = 1,
+    *,
+    at: Point = None,
+    tol: float = 1e-4,
+    maxiter: int | None = None,
+    seed: int = 0,
+    return_vectors: bool = False,
+) -> np.ndarray | tuple[np.ndarray, list[dict[str, Tensor]]]:
+    """The ``k`` largest (algebraic, signed) Hessian eigenvalues, by Lanczos.
+
+    Uses ``scipy.sparse.linalg.eigsh(which="LA")`` on a ``LinearOperator`` whose matvec is one
+    Hessian-vector product.
+
+    Args:
+        objective: the function.
+        k: how many eigenvalues.
+        at: the point (default: current parameters).
+        tol: relative accuracy asked of Lanczos.
+        maxiter: Lanczos restarts limit (scipy's default when ``None``).
+        seed: seeds the starting vector.
+        return_vectors: also return the eigenvectors as parameter dicts.
+
+    Returns:
+        Eigenvalues in descending order (and eigenvectors if asked for).
+    """
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    size, matvec, point = _flat_operator(objective, at)
+    if not 1 <= k < size:
+        raise ValueError(f"k must be in [1, {size - 1}] for {size} measured parameters, got {k}")
+    op = LinearOperator((size, size), matvec=matvec, dtype=np.float64)
+    v0 = np.random.default_rng(seed).standard_normal(size)
+    vals, vecs = eigsh(op, k=k, which="LA", tol=tol, maxiter=maxiter, v0=v0)
+    order = np.argsort(vals)[::-1]
+    vals = vals[order]
+    if not return_vectors:
+        return vals
+    like = {n: point[n] for n in objective.names}
+    return vals, [tree.unflatten(torch.from_numpy(vecs[:, j].copy()), like) for j in order]
+
+
+@dataclass(frozen=True)
+class TraceEstimate:
+    """Hutchinson estimate of ``tr ∇²f(x)``: ``mean`` ± ``stderr`` over ``n`` Rademacher probes."""
+
+    mean: float
+    stderr: float
+    n: int
+    samples: np.ndarray
+
+
+def hessian_trace(
+    objective: Objective,
+    n: int = 32,
+    *,
+    at: Point = None,
+    seed: int = 0,
+    batch: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+) -> TraceEstimate:
+    """Hutchinson's estimator ``tr H ≈ mean zᵀHz`` over ``n`` Rademacher vectors ``z``.
+
+    Args:
+        objective: the function.
+        n: number of probe vectors.
+        at: the point (default: current parameters).
+        seed: seeds the probe vectors.
+        batch: probes per shared ``create_graph`` gradient.
+        progress: optional ``progress(done, total)`` callback.
+    """
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    gen = torch.Generator().manual_seed(seed)
+    point = objective._point(at)
+    like = {k: point[k] for k in objective.names}
+    samples: list[float] = []
+    while len(samples) < n:
+        m = min(batch, n - len(samples))
+        zs = [tree.rademacher_like(like, gen) for _ in range(m)]
+        _, _, quads = objective.second_order(zs, point, reduce=lambda i, hv, zs=zs: float(tree.dot(zs[i], hv)))
+        samples.extend(quads)
+        if progress is not None:
+            progress(len(samples), n)
+    arr = np.asarray(samples, dtype=np.float64)
+    stderr = float(arr.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    return TraceEstimate(mean=float(arr.mean()), stderr=stderr, n=n, samples=arr)

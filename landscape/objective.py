@@ -1,0 +1,470 @@
+"""The function being measured: a model, a loss and a fixed probe batch, evaluated functionally.
+
+:class:`Objective` turns ``(model, loss_fn, batch)`` into ``f(x)`` for a parameter point ``x`` given as
+``dict[str, Tensor]`` keyed like ``model.named_parameters()``, and evaluates the loss, the gradient,
+Hessian-vector products and the loss along a line there without touching the module: parameters,
+buffers, training modes, ``requires_grad`` flags and the global RNG state are exactly as before after
+every call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from landscape import tree
+
+__all__ = ["DeterminismError", "MicroBatches", "NonFiniteError", "Objective", "math_attention"]
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+Include = Iterable[str] | Callable[[str, Tensor], bool] | None
+
+
+class DeterminismError(RuntimeError):
+    """The loss differs between two evaluations at the same parameters."""
+
+
+class NonFiniteError(ValueError):
+    """The loss (or a derivative) is NaN or infinite at the point asked for."""
+
+
+class MicroBatches(list):
+    """A probe batch split into micro-batches whose losses are averaged with weights.
+
+    ``f(x) = Σᵢ wᵢ·loss_fn(model, batchᵢ)`` with ``wᵢ = nᵢ / Σⱼ nⱼ`` where ``nᵢ`` is the sample count of
+    micro-batch ``i`` (the leading dimension of its first tensor) unless ``weights`` are given. For a
+    ``loss_fn`` that averages over samples this equals the loss on the concatenated batch, so a probe
+    batch too large for memory can be split without changing the value.
+
+    Args:
+        batches: the micro-batches, each one in the form ``loss_fn`` takes.
+        weights: optional relative weights (normalised to sum to one).
+    """
+
+    def __init__(self, batches: Iterable[Any], weights: Sequence[float] | None = None) -> None:
+        super().__init__(batches)
+        if not len(self):
+            raise ValueError("MicroBatches needs at least one micro-batch")
+        if weights is None:
+            weights = [float(_sample_count(b)) for b in self]
+        if len(weights) != len(self):
+            raise ValueError(f"{len(weights)} weights for {len(self)} micro-batches")
+        total = float(sum(weights))
+        if not total > 0 or any(w < 0 for w in weights):
+            raise ValueError(f"micro-batch weights must be non-negative with a positive sum, got {list(weights)}")
+        self.weights = [float(w) / total for w in weights]
+
+
+def _first_tensor(obj: Any) -> Tensor | None:
+    if isinstance(obj, Tensor):
+        return obj
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        for item in obj:
+            t = _first_tensor(item)
+            if t is not None:
+                return t
+    return None
+
+
+def _sample_count(batch: Any) -> int:
+    t = _first_tensor(batch)
+    if t is None or t.dim() == 0:
+        raise ValueError(
+            "cannot count the samples of a micro-batch without a tensor with a leading batch dimension; "
+            "pass MicroBatches(batches, weights=[...])"
+        )
+    return int(t.shape[0])
+
+
+def _as_micro_batches(batch: Any) -> MicroBatches:
+    """One batch, or a list of micro-batches (a ``MicroBatches``, or a plain list whose items are all
+    containers: a list of tensors such as ``[inputs, targets]`` is one batch)."""
+    if isinstance(batch, MicroBatches):
+        return batch
+    if isinstance(batch, list) and batch and all(isinstance(b, (Mapping, tuple, list)) for b in batch):
+        return MicroBatches(batch)
+    return MicroBatches([batch], weights=[1.0])
+
+
+def _convert_floats(obj: Any, dtype: torch.dtype) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, Mapping):
+        return type(obj)({k: _convert_floats(v, dtype) for k, v in obj.items()}) if isinstance(obj, dict) else {
+            k: _convert_floats(v, dtype) for k, v in obj.items()
+        }
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_convert_floats(v, dtype) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_convert_floats(v, dtype) for v in obj)
+    return obj
+
+
+@contextlib.contextmanager
+def math_attention() -> Iterator[None]:
+    """Route attention through kernels that support double backward and forward-mode AD.
+
+    PyTorch's fused attention kernels (flash / memory-efficient ``scaled_dot_product_attention`` and the
+    ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` fast path) have no double backward.
+    Inside this context the math SDPA backend is used and the MHA fast path is off; both are restored
+    on exit.
+    """
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+class _LossModule(nn.Module):
+    """Wraps ``loss_fn(model, batch)`` as a module so ``torch.func.functional_call`` can swap the
+    parameters of ``model`` for the duration of one call."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+class Objective:
+    """``f(x)``: the loss of ``model`` on a fixed probe batch, as a function of its parameters.
+
+    Args:
+        model: the user's module. It is never modified: every evaluation swaps parameters in
+            functionally (``torch.func.functional_call``) and restores modes, buffers and RNG state.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``, e.g.
+            ``lambda m, b: F.cross_entropy(m(b[0]), b[1])`` or ``lambda m, b: m(**b).loss``.
+        batch: the probe batch, or a list of micro-batches (see :class:`MicroBatches`).
+        mode: ``"eval"`` (default) or ``"train"``: the module mode during every evaluation. Recorded
+            with every result.
+        include: which parameters are measured: an iterable of names, or a predicate
+            ``(name, param) -> bool``. Default: every parameter with ``requires_grad``. Parameters not
+            measured are held fixed at their current values.
+        dtype: evaluate in this floating dtype (e.g. ``torch.float64``); default: the model's own.
+        check_determinism: evaluate the loss twice at the current parameters (with different RNG
+            seeds) and raise :class:`DeterminismError` if they differ by more than ``rtol``.
+        rtol: relative tolerance of the determinism check.
+
+    Example:
+        >>> import torch, landscape as ls
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> x, y = torch.randn(32, 4), torch.randn(32, 1)
+        >>> obj = ls.Objective(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]), (x, y))
+        >>> loss, grad = obj.loss_and_grad()
+        >>> sorted(grad) == sorted(obj.names)
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batch: Any,
+        *,
+        mode: str = "eval",
+        include: Include = None,
+        dtype: torch.dtype | None = None,
+        check_determinism: bool = True,
+        rtol: float = 1e-6,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be callable as loss_fn(model, batch) -> scalar tensor")
+        if mode not in ("eval", "train"):
+            raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.mode = mode
+        self.dtype = dtype
+        self.batches = _as_micro_batches(batch)
+        self._wrapper = _LossModule(model, loss_fn)
+        self.names: tuple[str, ...] = self._select(include)
+        if not self.names:
+            raise ValueError(
+                "no parameters to measure: the model has no parameters with requires_grad=True "
+                "(or `include` matched none)"
+            )
+        if check_determinism:
+            self.check_deterministic(rtol=rtol)
+
+    # ------------------------------------------------------------------ parameters
+    def _select(self, include: Include) -> tuple[str, ...]:
+        params = dict(self.model.named_parameters())
+        if include is None:
+            return tuple(n for n, p in params.items() if p.requires_grad)
+        if callable(include):
+            return tuple(n for n, p in params.items() if include(n, p))
+        wanted = [include] if isinstance(include, str) else list(include)
+        unknown = [n for n in wanted if n not in params]
+        if unknown:
+            raise KeyError(
+                f"include names parameters the model does not have: {unknown}; "
+                f"available: {list(params)[:20]}{' ...' if len(params) > 20 else ''}"
+            )
+        wanted_set = set(wanted)
+        return tuple(n for n in params if n in wanted_set)
+
+    def params(self) -> dict[str, Tensor]:
+        """A detached copy of the model's current measured parameters (in ``dtype`` if given)."""
+        named = dict(self.model.named_parameters())
+        return {n: named[n].detach().to(dtype=self.dtype or named[n].dtype, copy=True) for n in self.names}
+
+    def _point(self, at: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+        named = dict(self.model.named_parameters())
+        if at is None:
+            return {n: named[n].detach().to(self.dtype) if self.dtype else named[n].detach() for n in self.names}
+        missing = [n for n in self.names if n not in at]
+        extra = [n for n in at if n not in named]
+        if missing or extra:
+            raise KeyError(f"parameter point does not match the objective: missing {missing}, unknown {extra}")
+        out = {}
+        for n in self.names:
+            v = at[n]
+            if v.shape != named[n].shape:
+                raise ValueError(f"parameter point {n!r} has shape {tuple(v.shape)}, the model's is {tuple(named[n].shape)}")
+            out[n] = v.detach().to(self.dtype) if self.dtype else v.detach()
+        return out
+
+    def _check_direction(self, v: Mapping[str, Tensor], what: str = "direction") -> None:
+        missing = [n for n in self.names if n not in v]
+        if missing:
+            raise KeyError(f"{what} lacks measured parameters {missing}")
+        named = dict(self.model.named_parameters())
+        for n in self.names:
+            if v[n].shape != named[n].shape:
+                raise ValueError(f"{what}[{n!r}] has shape {tuple(v[n].shape)}, the parameter's is {tuple(named[n].shape)}")
+
+    # ------------------------------------------------------------------ evaluation
+    @contextlib.contextmanager
+    def _context(self, second_order: bool = False) -> Iterator[None]:
+        modes = {m: m.training for m in self.model.modules()}
+        devices = sorted({p.device.index for p in self.model.parameters() if p.is_cuda and p.device.index is not None})
+        try:
+            with torch.random.fork_rng(devices=devices), contextlib.ExitStack() as stack:
+                if second_order:
+                    stack.enter_context(math_attention())
+                else:
+                    fastpath = torch.backends.mha.get_fastpath_enabled()
+                    torch.backends.mha.set_fastpath_enabled(False)
+                    stack.callback(torch.backends.mha.set_fastpath_enabled, fastpath)
+                self.model.train(self.mode == "train")
+                yield
+        finally:
+            for m, training in modes.items():
+                m.training = training
+
+    def _call(self, point: Mapping[str, Tensor], batch: Any) -> Tensor:
+        """loss_fn(model, batch) with the measured parameters replaced by ``point``."""
+        swap: dict[str, Tensor] = {}
+        for n, p in self.model.named_parameters():
+            if n in point:
+                swap[n] = point[n]
+            elif self.dtype is not None and p.is_floating_point():
+                swap[n] = p.detach().to(self.dtype)
+            else:
+                swap[n] = p.detach()
+        train = self.mode == "train"
+        for n, b in self.model.named_buffers():
+            if self.dtype is not None and b.is_floating_point():
+                swap[n] = b.to(self.dtype)  # a new tensor: in-place updates land on it
+            elif train:
+                swap[n] = b.clone()  # train-mode BatchNorm updates running stats in place
+        if self.dtype is not None:
+            batch = _convert_floats(batch, self.dtype)
+        out = torch.func.functional_call(
+            self._wrapper, {f"model.{k}": v for k, v in swap.items()}, (batch,), strict=False, tie_weights=True
+        )
+        if not isinstance(out, Tensor) or out.numel() != 1:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise TypeError(f"loss_fn must return a scalar tensor, got {shape}")
+        return out.reshape(())
+
+    @staticmethod
+    def _check_finite(value: float, where: str) -> None:
+        if not math.isfinite(value):
+            raise NonFiniteError(f"the loss is {value} {where}; the measurement needs a finite loss")
+
+    def loss(self, at: Mapping[str, Tensor] | None = None) -> float:
+        """``f(at)`` (default: the current parameters)."""
+        point = self._point(at)
+        total = 0.0
+        with self._context(), torch.no_grad():
+            for w, b in zip(self.batches.weights, self.batches):
+                total += w * float(self._call(point, b))
+        return total
+
+    def loss_and_grad(self, at: Mapping[str, Tensor] | None = None) -> tuple[float, dict[str, Tensor]]:
+        """``(f(at), ∇f(at))``. Parameters the loss does not depend on get a zero gradient."""
+        point = self._point(at)
+        total = 0.0
+        grad = {n: torch.zeros_like(v) for n, v in point.items()}
+        with self._context():
+            for w, b in zip(self.batches.weights, self.batches):
+                leaves = {n: v.requires_grad_(True) for n, v in self._leaves(point).items()}
+                loss = self._call(leaves, b)
+                gs = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+                total += w * float(loss.detach())
+                for n, g in zip(leaves, gs):
+                    if g is not None:
+                        grad[n].add_(g, alpha=w)
+        self._check_finite(total, "at this point")
+        return total, grad
+
+    def grad(self, at: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """``∇f(at)``."""
+        return self.loss_and_grad(at)[1]
+
+    @staticmethod
+    def _leaves(point: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        # Fresh leaf tensors sharing storage with ``point`` (so the caller's tensors and the module's
+        # parameters never get requires_grad flipped).
+        return {n: v.detach() for n, v in point.items()}
+
+    def second_order(
+        self,
+        vs: Sequence[Mapping[str, Tensor]],
+        at: Mapping[str, Tensor] | None = None,
+        reduce: Callable[[int, dict[str, Tensor]], Any] | None = None,
+    ) -> tuple[float, dict[str, Tensor], list[Any]]:
+        """Loss, gradient and Hessian-vector products ``H·vᵢ`` at one point, sharing work.
+
+        One gradient with ``create_graph=True`` is built per micro-batch; each ``H·vᵢ`` is then one
+        backward pass of ``∇f·vᵢ`` through that retained graph (double backward). Double backward is
+        used rather than forward-mode AD because forward-over-forward gives wrong second derivatives
+        through ``layer_norm`` on torch 2.13.
+
+        Args:
+            vs: the vectors, each keyed like :attr:`names`.
+            at: the point (default: current parameters).
+            reduce: optional ``reduce(i, Hvᵢ) -> value`` applied to each (full, all micro-batches) product;
+                when given, its results are returned instead of the products. With a single
+                micro-batch the products are not kept, which saves memory.
+
+        Returns:
+            ``(loss, grad, results)``.
+        """
+        point = self._point(at)
+        vs_ = []
+        for i, v in enumerate(vs):
+            self._check_direction(v, f"vector {i}")
+            vs_.append({n: v[n].to(dtype=point[n].dtype, device=point[n].device) for n in self.names})
+        k = len(vs_)
+        single = len(self.batches) == 1
+        total = 0.0
+        grad = {n: torch.zeros_like(v) for n, v in point.items()}
+        hvs: list[dict[str, Tensor]] = [] if single else [{n: torch.zeros_like(p) for n, p in point.items()} for _ in vs_]
+        results: list[Any] = [None] * k
+        with self._context(second_order=True):
+            for w, b in zip(self.batches.weights, self.batches):
+                leaves = {n: v.requires_grad_(True) for n, v in self._leaves(point).items()}
+                loss = self._call(leaves, b)
+                gs = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
+                total += w * float(loss.detach())
+                for n, g in zip(leaves, gs):
+                    if g is not None:
+                        grad[n].add_(g.detach(), alpha=w)
+                # Only gradient entries that still depend on the parameters carry a second derivative.
+                live = [(n, g) for n, g in zip(leaves, gs) if g is not None and g.requires_grad]
+                for i, v in enumerate(vs_):
+                    hv = {n: torch.zeros_like(p) for n, p in point.items()}
+                    if live:
+                        prods = torch.autograd.grad(
+                            [g for _, g in live],
+                            list(leaves.values()),
+                            grad_outputs=[v[n] for n, _ in live],
+                            retain_graph=i < k - 1,
+                            allow_unused=True,
+                        )
+                        for n, h in zip(leaves, prods):
+                            if h is not None:
+                                hv[n] = h.detach()
+                    if single:
+                        results[i] = reduce(i, hv) if reduce is not None else hv
+                    else:
+                        for n in self.names:
+                            hvs[i][n].add_(hv[n], alpha=w)
+                del gs, live, loss
+        self._check_finite(total, "at this point")
+        if not single:
+            results = [reduce(i, hv) if reduce is not None else hv for i, hv in enumerate(hvs)]
+        return total, grad, results
+
+    def hvp(self, v: Mapping[str, Tensor], at: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Hessian-vector product ``∇²f(at)·v``."""
+        return self.second_order([v], at)[2][0]
+
+    def hvps(self, vs: Sequence[Mapping[str, Tensor]], at: Mapping[str, Tensor] | None = None) -> list[dict[str, Tensor]]:
+        """Several Hessian-vector products at one point, sharing one ``create_graph`` gradient."""
+        return self.second_order(vs, at)[2]
+
+    def losses_along(
+        self, direction: Mapping[str, Tensor], steps: Sequence[float] | np.ndarray, at: Mapping[str, Tensor] | None = None
+    ) -> np.ndarray:
+        """``f(at − s·direction)`` for each ``s`` in ``steps`` (forward passes only; the direction is
+        used as given, not normalised)."""
+        self._check_direction(direction)
+        point = self._point(at)
+        d = {n: direction[n].to(dtype=point[n].dtype, device=point[n].device) for n in self.names}
+        out = np.empty(len(steps), dtype=np.float64)
+        with self._context(), torch.no_grad():
+            for j, s in enumerate(steps):
+                shifted = {n: point[n] - float(s) * d[n] if s else point[n] for n in self.names}
+                out[j] = sum(w * float(self._call(shifted, b)) for w, b in zip(self.batches.weights, self.batches))
+        return out
+
+    def check_deterministic(self, rtol: float = 1e-6) -> float:
+        """Evaluate ``f`` twice at the current parameters under different RNG seeds.
+
+        Raises:
+            DeterminismError: if the two values differ by more than ``rtol`` (relative).
+
+        Returns:
+            The loss.
+        """
+        point = self._point(None)
+        values = []
+        for seed in (0x5EED, 0xC0FFEE):
+            with self._context(), torch.no_grad():
+                torch.manual_seed(seed)
+                values.append(sum(w * float(self._call(point, b)) for w, b in zip(self.batches.weights, self.batches)))
+        a, b = values
+        self._check_finite(a, "at the current parameters")
+        if abs(a - b) > rtol * max(abs(a), abs(b), 1e-12):
+            train = self.mode == "train"
+            raise DeterminismError(
+                f"the loss differs between two evaluations at the same parameters ({a!r} vs {b!r}): the measured "
+                "function must be deterministic. "
+                + (
+                    "mode='train' keeps dropout (and other random layers) active: use mode='eval', or set their "
+                    "probability to 0."
+                    if train
+                    else "Something random runs even in eval mode (dropout called with training=True, random "
+                    "augmentation inside loss_fn, ...): make loss_fn deterministic."
+                )
+                + " Pass check_determinism=False to skip this check."
+            )
+        return a
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for name, p in self.model.named_parameters() if name in self.names)
+        return (
+            f"Objective({type(self.model).__name__}, {len(self.names)} tensors / {n:,} parameters measured, "
+            f"mode={self.mode!r}, {len(self.batches)} micro-batch(es), dtype={self.dtype})"
+        )
