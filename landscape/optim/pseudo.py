@@ -1,0 +1,370 @@
+"""Pseudo-updates: every recipe's state evolved on the real gradients of one training run (seed 002
+App. B.3), with each distinct state computed and stored once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from landscape.optim._core import (
+    RAW,
+    Ctx,
+    Evaluation,
+    Program,
+    Transform,
+    Tree,
+    compute_dtype,
+    is_finite_all,
+    stochastic_round_to_bf16_,
+)
+from landscape.optim.recipes import recipe, recipe_names
+
+__all__ = ["PseudoUpdates"]
+
+_LAST_GRAD = "g (last gradient)"
+
+
+def _as_param_dict(params: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]) -> dict[str, Tensor]:
+    items = params.items() if isinstance(params, Mapping) else params
+    out: dict[str, Tensor] = {}
+    for item in items:
+        try:
+            name, p = item
+        except (TypeError, ValueError):
+            raise TypeError(
+                "params must be a dict[str, Tensor] or an iterable of (name, tensor) pairs such as "
+                "model.named_parameters()"
+            ) from None
+        if not isinstance(name, str) or not isinstance(p, Tensor):
+            raise TypeError(f"params: expected (str, Tensor) pairs, got ({type(name).__name__}, {type(p).__name__})")
+        if isinstance(p, nn.Parameter) and not p.requires_grad:
+            continue  # frozen: never trained, never gets a gradient
+        if not p.is_floating_point():
+            raise TypeError(f"parameter {name!r} has dtype {p.dtype}; only floating-point parameters can be optimized")
+        if name in out:
+            raise ValueError(f"parameter name {name!r} appears twice")
+        out[name] = p.detach()  # shares storage: reads the live values, never writes them
+    if not out:
+        raise ValueError("no parameters given (or all have requires_grad=False)")
+    return out
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+class PseudoUpdates:
+    """Run many optimizers' states on the gradients of one real training run, and give each one's
+    current update direction (seed 002 App. B.3, "pseudo-update steps").
+
+    Every recipe is a chain of atoms whose states are keyed by what they compute (kind,
+    hyperparameters, input); a state needed by several recipes is stored and updated once. For the
+    default set the raw-gradient EMA at β = 0.9 serves ``sgd``, ``normsgd``, ``signsgd``,
+    ``gensignsgd`` and the first moment of ``adam`` and ``adam_clip_update``; the EMA of g² at
+    β2 = 0.999 serves ``adam``, ``adam_clip`` and ``adam_clip_update``; Adafactor's factors serve
+    both Adafactor recipes; one copy of the last gradient serves the recipes whose direction reads
+    the current gradient itself (Adafactor and Lion).
+
+    Args:
+        params: the model's parameters, a ``dict[str, Tensor]`` or an iterable of ``(name, tensor)``
+            such as ``model.named_parameters()`` (frozen ``nn.Parameter``s are left out). Kept by
+            reference: read for shapes and by recipes that use the parameters, never written.
+        recipes: ``None`` for every registered recipe; a list of names or of named
+            :class:`~landscape.optim.Transform`; or a dict ``{name: Transform or recipe name}``.
+        state_dtype: storage dtype of the states (default: the parameters' dtype, at least float32).
+            ``torch.bfloat16`` halves the memory; arithmetic stays in float32.
+        rounding: how float32 results are stored into bfloat16 states: ``"stochastic"`` (default,
+            unbiased; with round-to-nearest an EMA whose per-step change is below half a bfloat16 ulp,
+            such as v at β2 = 0.999, stops moving) or ``"nearest"``.
+        seed: seed of the stochastic-rounding generator.
+
+    Example:
+        >>> import torch, landscape as ls
+        >>> model = torch.nn.Linear(4, 2)
+        >>> pu = ls.PseudoUpdates(model.named_parameters(), ["sgd", "adam", "signsgd"])
+        >>> loss = model(torch.randn(8, 4)).square().mean()
+        >>> loss.backward()
+        >>> pu.observe({n: p.grad for n, p in model.named_parameters()})
+        >>> sorted(pu.directions())
+        ['adam', 'sgd', 'signsgd']
+        >>> pu.step
+        1
+    """
+
+    def __init__(
+        self,
+        params: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]],
+        recipes: Iterable[str | Transform] | Mapping[str, Transform | str] | None = None,
+        *,
+        state_dtype: torch.dtype | None = None,
+        rounding: str = "stochastic",
+        seed: int = 0,
+    ) -> None:
+        self._params = _as_param_dict(params)
+        self._txs = self._resolve(recipes)
+        if state_dtype is not None and (not isinstance(state_dtype, torch.dtype) or not state_dtype.is_floating_point):
+            raise ValueError(f"state_dtype must be a floating-point torch.dtype, got {state_dtype!r}")
+        if rounding not in ("stochastic", "nearest"):
+            raise ValueError(f"rounding must be 'stochastic' or 'nearest', got {rounding!r}")
+        self.state_dtype = state_dtype
+        self.rounding = rounding
+        self._seed = int(seed)
+        self._gens: dict[str, torch.Generator] = {}
+
+        shared = {n: tx.atoms for n, tx in self._txs.items() if tx.atoms is not None}
+        self._opaque = {n: tx for n, tx in self._txs.items() if tx.atoms is None}
+        self._program = Program(shared)  # type: ignore[arg-type]
+        self._moments = self._program.init(self._params, state_dtype)  # default: float32 or float64
+        self._last_grad: Tree | None = None
+        if self._program.keeps_raw:
+            self._last_grad = {
+                n: torch.zeros_like(p, dtype=state_dtype or compute_dtype(p.dtype)) for n, p in self._params.items()
+            }
+        self._opaque_state = {n: tx.init(self._params) for n, tx in self._opaque.items()}
+        self._opaque_last: dict[str, Tree | None] = dict.fromkeys(self._opaque)
+        self._step = 0
+
+    # construction ------------------------------------------------------------------------------------
+    @staticmethod
+    def _resolve(recipes: Any) -> dict[str, Transform]:
+        if recipes is None:
+            return {n: recipe(n) for n in recipe_names()}
+        if isinstance(recipes, str):
+            raise TypeError(f"recipes must be a list of names, not a single string: use [{recipes!r}]")
+        out: dict[str, Transform] = {}
+        if isinstance(recipes, Mapping):
+            for name, tx in recipes.items():
+                out[str(name)] = recipe(tx) if isinstance(tx, str) else tx
+        else:
+            for item in recipes:
+                if isinstance(item, str):
+                    out[item] = recipe(item)
+                elif isinstance(item, Transform):
+                    if not item.name:
+                        raise ValueError("an unnamed Transform in a list of recipes: pass a dict {name: transform}")
+                    out[item.name] = item
+                else:
+                    raise TypeError(f"recipes: expected names or Transforms, got {type(item).__name__}")
+        if not out:
+            raise ValueError("no recipes given")
+        for name, tx in out.items():
+            if not isinstance(tx, Transform):
+                raise TypeError(f"recipe {name!r}: expected a Transform, got {type(tx).__name__}")
+        return out
+
+    # properties --------------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        """The recipe names, in order."""
+        return list(self._txs)
+
+    @property
+    def step(self) -> int:
+        """How many gradients have been observed."""
+        return self._step
+
+    @property
+    def params(self) -> dict[str, Tensor]:
+        return dict(self._params)
+
+    def __repr__(self) -> str:
+        return (
+            f"PseudoUpdates({len(self._txs)} recipes, step={self._step}, "
+            f"state {self.state_bytes() / 2**20:.2f} MiB in {len(self._moments) + (self._last_grad is not None)} states)"
+        )
+
+    # observing ---------------------------------------------------------------------------------------
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        gen = self._gens.get(key)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self._seed)
+            self._gens[key] = gen
+        return gen
+
+    def _store(self, dst: Tensor, src: Tensor) -> None:
+        if dst.dtype == torch.bfloat16 and self.rounding == "stochastic":
+            stochastic_round_to_bf16_(dst, src, self._generator(dst.device))
+        else:
+            dst.copy_(src)
+
+    def _check_grads(self, grads: Mapping[str, Tensor]) -> None:
+        if not isinstance(grads, Mapping):
+            raise TypeError(f"grads must be a dict[str, Tensor] keyed like the parameters, got {type(grads).__name__}")
+        missing = [n for n in self._params if n not in grads]
+        extra = [n for n in grads if n not in self._params]
+        if missing or extra:
+            raise KeyError(
+                f"gradients do not match the parameters: missing {missing}, unexpected {extra} "
+                f"(pass one gradient per parameter given to PseudoUpdates)"
+            )
+        for n, p in self._params.items():
+            g = grads[n]
+            if g is None:
+                raise ValueError(f"the gradient of {n!r} is None (unused in the loss?): pass zeros or leave it out of params")
+            if not isinstance(g, Tensor):
+                raise TypeError(f"the gradient of {n!r} is a {type(g).__name__}, not a Tensor")
+            if g.shape != p.shape:
+                raise ValueError(f"the gradient of {n!r} has shape {tuple(g.shape)}, the parameter {tuple(p.shape)}")
+        if not is_finite_all([grads[n] for n in self._params]):
+            bad = [n for n in self._params if not bool(torch.isfinite(grads[n]).all())]
+            raise ValueError(
+                f"non-finite gradients (NaN or inf) in {bad}; nothing was updated. Skip this step "
+                f"(as a GradScaler would) or fix the loss."
+            )
+
+    @torch.no_grad()
+    def observe(self, grads: Mapping[str, Tensor]) -> None:
+        """Feed the gradients of one training step to every recipe.
+
+        Args:
+            grads: ``{name: gradient}`` with exactly the parameters' names and shapes. Not modified.
+
+        Raises:
+            KeyError: missing or unexpected names. ValueError: a wrong shape, a ``None`` gradient, or
+            a NaN/inf anywhere (then no state changes).
+        """
+        self._check_grads(grads)
+        raw = {n: grads[n].detach().to(compute_dtype(grads[n].dtype)) for n in self._params}
+        t = self._step + 1
+        # opaque (user) transforms first: they are pure, so a failure there changes nothing
+        new_opaque = {}
+        for name, tx in self._opaque.items():
+            u, s = tx.update(raw, self._opaque_state[name], self._params)
+            new_opaque[name] = (dict(u), s)
+        ev = Evaluation(self._program, self._moments, raw, Ctx(step=t, params=self._params), update=True, store=self._store)
+        ev.update_all()
+        if self._last_grad is not None:
+            for n, v in self._last_grad.items():
+                v.copy_(raw[n])
+        for name, (u, s) in new_opaque.items():
+            self._opaque_state[name] = s
+            self._opaque_last[name] = u
+        self._step = t
+
+    # reading -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def directions(self, names: Iterable[str] | None = None) -> dict[str, dict[str, Tensor]]:
+        """The current update direction ``u`` of each recipe (``x ← x − η·u``), after the last
+        :meth:`observe`. Fresh tensors in the parameters' dtype: later observes do not change them.
+
+        Args:
+            names: a subset of :attr:`names` (default: all).
+        """
+        if self._step == 0:
+            raise RuntimeError(
+                "no gradients observed yet: call .observe(grads) after a backward pass before .directions()"
+            )
+        wanted = self.names if names is None else list(names)
+        unknown = [n for n in wanted if n not in self._txs]
+        if unknown:
+            raise KeyError(f"unknown recipes {unknown}; this PseudoUpdates has {self.names}")
+        raw = None
+        if self._last_grad is not None:
+            raw = {n: v.to(compute_dtype(v.dtype)) for n, v in self._last_grad.items()}
+        ev = Evaluation(self._program, self._moments, raw, Ctx(step=self._step, params=self._params), update=False)
+        protected = {v.data_ptr() for t in self._moments.values() for v in t.values()}
+        if raw is not None:
+            protected |= {v.data_ptr() for v in raw.values()}
+        seen: set[int] = set()
+        out: dict[str, dict[str, Tensor]] = {}
+        for name in wanted:
+            if name in self._opaque:
+                tree = self._opaque_last[name] or {}
+            else:
+                tree = ev.output(name)
+            res = {}
+            for k, v in tree.items():
+                p = self._params[k]
+                if v.data_ptr() in protected or id(v) in seen:
+                    v = v.clone()
+                v = v.to(p.dtype) if v.dtype != p.dtype else v
+                seen.add(id(v))
+                res[k] = v
+            out[name] = res
+        return out
+
+    def direction(self, name: str) -> dict[str, Tensor]:
+        """:meth:`directions` for one recipe."""
+        return self.directions([name])[name]
+
+    # memory ------------------------------------------------------------------------------------------
+    def state_report(self) -> list[dict[str, Any]]:
+        """Every distinct stored state: ``key`` (what it computes), ``bytes`` and ``used_by``
+        (the recipes that read it)."""
+        rows = []
+        for mkey, tree in self._moments.items():
+            users = [n for n in self._program.users.get(mkey, [])]
+            rows.append({"key": mkey, "bytes": _tensor_bytes(tree), "used_by": users})
+        if self._last_grad is not None:
+            rows.append({"key": _LAST_GRAD, "bytes": _tensor_bytes(self._last_grad), "used_by": self._program.raw_readers()})
+        for name in self._opaque:
+            rows.append(
+                {
+                    "key": f"{name} (custom transform state + last update)",
+                    "bytes": _tensor_bytes(self._opaque_state[name]) + _tensor_bytes(self._params),
+                    "used_by": [name],
+                }
+            )
+        return rows
+
+    def state_bytes(self) -> int:
+        """Bytes held by the states: the sum over distinct states (each shared state counted once)."""
+        return sum(r["bytes"] for r in self.state_report())
+
+    # checkpointing -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: step, every distinct state (copies), the last gradient, custom
+        transforms' states and the rounding generators."""
+        return {
+            "step": self._step,
+            "recipes": {n: repr(tx) for n, tx in self._txs.items()},
+            "moments": {k: {n: v.clone() for n, v in t.items()} for k, t in self._moments.items()},
+            RAW: None if self._last_grad is None else {n: v.clone() for n, v in self._last_grad.items()},
+            "opaque": {n: {"state": self._opaque_state[n], "last": self._opaque_last[n]} for n in self._opaque},
+            "rng": {k: g.get_state() for k, g in self._gens.items()},
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output into a ``PseudoUpdates`` built with the same parameters
+        and recipes (the storage dtype may differ)."""
+        mine, theirs = set(self._moments), set(state["moments"])
+        if mine != theirs:
+            raise ValueError(
+                f"state_dict does not match these recipes: states only here {sorted(mine - theirs)}, "
+                f"only in the state_dict {sorted(theirs - mine)}"
+            )
+        if set(state.get("opaque", {})) != set(self._opaque):
+            raise ValueError("state_dict does not match these recipes' custom transforms")
+        for k, tree in self._moments.items():
+            src = state["moments"][k]
+            if set(src) != set(tree):
+                raise ValueError(f"state {k!r}: leaves {sorted(set(src) ^ set(tree))} differ")
+            for n, v in tree.items():
+                if src[n].shape != v.shape:
+                    raise ValueError(f"state {k!r}, {n!r}: shape {tuple(src[n].shape)} != {tuple(v.shape)}")
+        if self._last_grad is not None:
+            if state.get(RAW) is None:
+                raise ValueError("state_dict has no last gradient but these recipes need one")
+            for n, v in self._last_grad.items():
+                v.copy_(state[RAW][n])
+        for k, tree in self._moments.items():
+            for n, v in tree.items():
+                v.copy_(state["moments"][k][n])
+        for n in self._opaque:
+            self._opaque_state[n] = state["opaque"][n]["state"]
+            self._opaque_last[n] = state["opaque"][n]["last"]
+        for k, s in state.get("rng", {}).items():
+            self._generator(torch.device(k)).set_state(s)
+        self._step = int(state["step"])
