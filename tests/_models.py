@@ -48,10 +48,10 @@ class CNN(nn.Module):
 class TinyTransformer(nn.Module):
     """nn.TransformerEncoderLayer (MultiheadAttention, LayerNorm) + a linear head."""
 
-    def __init__(self, vocab=7, width=8, heads=2):
+    def __init__(self, vocab=5, width=4, heads=2):
         super().__init__()
         self.emb = nn.Embedding(vocab, width)
-        self.enc = nn.TransformerEncoderLayer(width, heads, dim_feedforward=12, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoderLayer(width, heads, dim_feedforward=6, dropout=0.0, batch_first=True)
         self.head = nn.Linear(width, vocab)
 
     def forward(self, idx):
