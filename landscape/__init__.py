@@ -28,6 +28,18 @@ from landscape.curvature import (
     top_eigenvalues,
 )
 from landscape.objective import DeterminismError, MicroBatches, NonFiniteError, Objective
+from landscape import smoothness
+from landscape.smoothness import (
+    CoordinateSamples,
+    L0L1Fit,
+    LocalSmoothness,
+    RobustSmoothness,
+    coordinate_smoothness,
+    fit_l0_l1,
+    fit_per_layer,
+    local_smoothness,
+    robust_smoothness,
+)
 
 __all__ = [
     "__version__",
@@ -44,6 +56,17 @@ __all__ = [
     "top_eigenvalues",
     "hessian_trace",
     "TraceEstimate",
+    # smoothness
+    "smoothness",
+    "local_smoothness",
+    "LocalSmoothness",
+    "fit_l0_l1",
+    "L0L1Fit",
+    "coordinate_smoothness",
+    "CoordinateSamples",
+    "fit_per_layer",
+    "robust_smoothness",
+    "RobustSmoothness",
     # helpers
     "tree",
 ]
