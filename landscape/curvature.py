@@ -30,6 +30,7 @@ __all__ = [
     "hessian_trace",
     "hvp",
     "loss_along",
+    "sharpness_and_gradient",
     "top_eigenvalues",
 ]
 
@@ -118,12 +119,26 @@ def directional_sharpness(
     Returns:
         ``{name: Sharpness}`` in the order given.
     """
+    return sharpness_and_gradient(objective, directions, at=at, shift=shift, delta=delta)[0]
+
+
+def sharpness_and_gradient(
+    objective: Objective,
+    directions: Mapping[str, Mapping[str, Tensor]],
+    *,
+    at: Point = None,
+    shift: str = "negative",
+    delta: float = 0.01,
+) -> tuple[dict[str, Sharpness], float, dict[str, Tensor]]:
+    """:func:`directional_sharpness`, also returning the loss and the gradient at ``at`` that it
+    computed on the way (so a caller needing ``∇f(x)`` does not pay for it twice)."""
     if shift not in SHIFT_POLICIES:
         raise ValueError(f"shift must be one of {SHIFT_POLICIES}, got {shift!r}")
     if not math.isfinite(delta):
         raise ValueError(f"delta must be finite, got {delta}")
     if not directions:
-        return {}
+        loss, grad = objective.loss_and_grad(at)
+        return {}, loss, grad
     names = list(directions)
     units: list[dict[str, Tensor]] = []
     norms: list[float] = []
@@ -165,7 +180,7 @@ def directional_sharpness(
             delta=delta,
             mode=objective.mode,
         )
-    return out
+    return out, loss, grad
 
 
 def loss_along(

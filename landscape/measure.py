@@ -1,0 +1,307 @@
+"""One measurement at one point of a trajectory: what the probe and ``landscape analyze`` record.
+
+Given the objective (probe batch), the point ``x_t``, optionally the next point ``x_{t+1}`` of the
+real trajectory, and named update directions, :func:`measure_step` returns the rows of every store
+table for that step: directional sharpness (seed 002 §3), landscape lines (Figs. 2–4), update
+histograms (Fig. 1), cosine similarities, and local / coordinate-wise / robust smoothness (seed 001
+§5.2, Fig. 3; seed 002 App. D).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from landscape import tree
+from landscape.curvature import sharpness_and_gradient
+from landscape.objective import Objective
+
+__all__ = ["MeasureSettings", "adaptive_line", "cosine_matrix", "log_histogram", "measure_step"]
+
+
+@dataclass
+class MeasureSettings:
+    """What each measurement computes (all part of a run's settings).
+
+    Attributes:
+        shift: sharpness shift policy (``"never"``, ``"negative"``, ``"always"``).
+        delta: δ of the shifted sharpness.
+        lines: measure the landscape line of every direction.
+        line_points: points of the first line grid (more are added while extending / refining).
+        line_min_before: the grid is refined until at least this many points lie before the loss
+            first rises above its start.
+        line_max_points: hard cap on points per line.
+        hist_bins: bins of the log10|u_i| histograms.
+        cosine: measure the cosine similarity between every pair of directions.
+        smoothness: measure L̂_t along the real step (needs the next point).
+        gammas: the γ of L̂_t.
+        coord_per_layer: sampled coordinates per parameter tensor for the coordinate-wise smoothness
+            (0: off).
+        robust_every: robust smoothness every this many measurements (0: off; it costs ~100 HVPs).
+        robust_samples: Rademacher vectors for the Hessian row norms.
+        seed: seeds the coordinate samples and robust-smoothness probes.
+    """
+
+    shift: str = "negative"
+    delta: float = 0.01
+    lines: bool = True
+    line_points: int = 12
+    line_min_before: int = 8
+    line_max_points: int = 48
+    hist_bins: int = 60
+    cosine: bool = True
+    smoothness: bool = True
+    gammas: tuple[float, ...] = (1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6)
+    coord_per_layer: int = 16
+    robust_every: int = 0
+    robust_samples: int = 16
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["gammas"] = [float(g) for g in self.gammas]
+        return d
+
+
+def adaptive_line(
+    loss_at: Callable[[np.ndarray], np.ndarray],
+    f0: float,
+    scale: float,
+    *,
+    points: int = 12,
+    min_before: int = 8,
+    max_points: int = 48,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A grid of ``s ≥ 0`` for ``ℓ(s)`` that extends until the loss rises above ``ℓ(0) = f0`` and
+    refines when too few points fall before that.
+
+    Args:
+        loss_at: evaluates ``ℓ`` on an array of steps.
+        f0: ``ℓ(0)``.
+        scale: the first grid spans ``(0, scale]`` (e.g. twice the quadratic model's best step).
+        points: points of the first grid.
+        min_before: refine until at least this many points lie in ``(0, s_rise)``.
+        max_points: cap on evaluations.
+
+    Returns:
+        ``(s, loss)`` sorted by ``s``, ``s[0] = 0``.
+    """
+    if not (scale > 0 and math.isfinite(scale)):
+        scale = 1.0
+    s_all = [0.0]
+    l_all = [f0]
+
+    def add(steps: np.ndarray) -> None:
+        steps = np.asarray([s for s in steps if s > 0], dtype=np.float64)
+        if steps.size:
+            s_all.extend(steps.tolist())
+            l_all.extend(np.asarray(loss_at(steps), dtype=np.float64).tolist())
+
+    add(np.linspace(scale / points, scale, points))
+    # the loss rises at once (an ascent direction or a far too large scale): shrink towards 0
+    shrinks = 0
+    while min(l_all[1:]) > f0 and shrinks < 6 and len(s_all) < max_points:
+        scale /= 8
+        add(np.linspace(scale / 4, scale, 4))
+        shrinks += 1
+    # extend until the loss rises above its start
+    hi = max(s_all)
+    while l_all[int(np.argmax(s_all))] <= f0 and len(s_all) + 4 <= max_points:
+        add(np.linspace(hi * 1.5, hi * 4, 4))
+        hi = max(s_all)
+    # refine before the first rise
+    order = np.argsort(s_all)
+    s_sorted = np.asarray(s_all)[order]
+    l_sorted = np.asarray(l_all)[order]
+    above = np.nonzero(l_sorted[1:] > f0)[0]
+    s_rise = s_sorted[1 + above[0]] if above.size else s_sorted[-1]
+    before = int(np.sum((s_sorted > 0) & (s_sorted < s_rise)))
+    if before < min_before:
+        room = max_points - len(s_all)
+        n = min(room, 2 * min_before - before)
+        if n > 0:
+            add(np.linspace(s_rise / (n + 1), s_rise * n / (n + 1), n))
+    order = np.argsort(s_all)
+    return np.asarray(s_all)[order], np.asarray(l_all)[order]
+
+
+def log_histogram(u: Mapping[str, Tensor], bins: int = 60) -> dict[str, Any]:
+    """Histogram of ``log10 |u_i|`` over all coordinates (seed 002 Fig. 1), exact zeros counted apart.
+
+    Sparsity: the fraction of coordinates with ``|u_i| < 1e-3 · max_j |u_j|`` (exact zeros included).
+    """
+    mags = torch.cat([v.detach().reshape(-1).abs().float() for v in u.values()])
+    zeros = int((mags == 0).sum())
+    peak = float(mags.max()) if mags.numel() else 0.0
+    sparsity = float((mags < 1e-3 * peak).float().mean()) if peak > 0 else 1.0
+    nz = mags[mags > 0]
+    if nz.numel() == 0:
+        return {"edges": np.zeros(bins + 1), "counts": np.zeros(bins, dtype=np.int64), "sparsity": sparsity, "zeros": zeros}
+    logs = torch.log10(nz)
+    lo, hi = float(logs.min()), float(logs.max())
+    if hi - lo < 1e-6:
+        lo, hi = lo - 0.5, hi + 0.5
+    counts = torch.histc(logs, bins=bins, min=lo, max=hi)
+    return {
+        "edges": np.linspace(lo, hi, bins + 1),
+        "counts": counts.to(torch.int64).numpy(),
+        "sparsity": sparsity,
+        "zeros": zeros,
+    }
+
+
+def cosine_matrix(directions: Mapping[str, Mapping[str, Tensor]]) -> tuple[list[str], np.ndarray]:
+    """Cosine similarity between every pair of directions, accumulated one parameter tensor at a time
+    (memory: K copies of the largest tensor, not K copies of the model)."""
+    names = list(directions)
+    k = len(names)
+    gram = torch.zeros(k, k, dtype=torch.float64)
+    keys = list(next(iter(directions.values()))) if k else []
+    for key in keys:
+        block = torch.stack([directions[n][key].detach().reshape(-1).double() for n in names])
+        gram += (block @ block.T).cpu()
+    norms = gram.diag().sqrt()
+    cos = gram / (norms[:, None] * norms[None, :]).clamp_min(1e-300)
+    return names, cos.numpy()
+
+
+def measure_step(
+    objective: Objective,
+    step: int,
+    x_t: Mapping[str, Tensor],
+    directions: Mapping[str, Mapping[str, Tensor]],
+    *,
+    x_next: Mapping[str, Tensor] | None = None,
+    settings: MeasureSettings | None = None,
+    reference: str = "sgd",
+    measurement_index: int = 0,
+) -> dict[str, list[dict[str, Any]]]:
+    """Measure every direction at ``x_t`` and return the store rows, keyed by table.
+
+    Args:
+        objective: the probe-batch objective.
+        step: the step number written in every row.
+        x_t: the point (keyed like ``objective.names``).
+        directions: ``{name: u}`` (``x`` moves to ``x − η·u``).
+        x_next: the next point of the real trajectory (for the smoothness tables).
+        settings: what to compute.
+        reference: the direction whose sharpness the ratios divide by.
+        measurement_index: counts measurements (for ``robust_every``).
+    """
+    from landscape import smoothness as sm
+
+    st = settings or MeasureSettings()
+    names = list(objective.names)
+    dirs = {k: {n: u[n] for n in names} for k, u in directions.items()}
+    rows: dict[str, list[dict[str, Any]]] = {}
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    sharp, loss, grad = sharpness_and_gradient(objective, dirs, at=x_t, shift=st.shift, delta=st.delta)
+    timings["sharpness"] = time.perf_counter() - t0
+    ref = sharp.get(reference)
+    rows["sharpness"] = []
+    for name, s in sharp.items():
+        ratio = s.value / ref.value if ref is not None and ref.value != 0 else None
+        rows["sharpness"].append(
+            {
+                "step": step,
+                "direction": name,
+                "sharpness": s.value,
+                "raw": s.raw,
+                "shifted_value": s.shifted_value,
+                "shifted": s.shifted,
+                "ratio_to_sgd": ratio,
+                "grad_correlation": s.grad_correlation,
+                "update_norm": s.update_norm,
+                "best_step": s.best_step,
+                "predicted_reduction": s.predicted_reduction,
+                "loss": s.loss,
+            }
+        )
+    if st.lines:
+        t0 = time.perf_counter()
+        rows["lines"] = []
+        for name, u in dirs.items():
+            s = sharp[name]
+            uhat = tree.scale(u, 1.0 / s.update_norm)
+            scale = 2 * s.best_step if s.best_step and s.best_step > 0 else 2 * abs(s.grad_correlation) / max(abs(s.value), 1e-12)
+            if not (0 < scale < float("inf")):
+                scale = 1.0
+            grid, losses = adaptive_line(
+                lambda steps, uhat=uhat: objective.losses_along(uhat, steps, x_t),
+                loss,
+                scale,
+                points=st.line_points,
+                min_before=st.line_min_before,
+                max_points=st.line_max_points,
+            )
+            i = int(np.nanargmin(losses))
+            rows["lines"].append(
+                {
+                    "step": step,
+                    "direction": name,
+                    "s": grid,
+                    "loss": losses,
+                    "best_step": float(grid[i]),
+                    "best_loss": float(losses[i]),
+                    "reduction": float(loss - losses[i]),
+                }
+            )
+        timings["lines"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rows["histograms"] = [{"step": step, "direction": n, **log_histogram(u, st.hist_bins)} for n, u in dirs.items()]
+    if st.cosine and len(dirs) > 1:
+        order, cos = cosine_matrix(dirs)
+        rows["cosine"] = [
+            {"step": step, "a": a, "b": b, "cosine": float(cos[i, j])}
+            for i, a in enumerate(order)
+            for j, b in enumerate(order)
+            if i < j
+        ]
+    timings["geometry"] = time.perf_counter() - t0
+    if x_next is not None and st.smoothness:
+        t0 = time.perf_counter()
+        xn = {n: x_next[n] for n in names}
+        if float(tree.norm(tree.sub(xn, {n: x_t[n] for n in names}))) > 0:
+            ls_ = sm.local_smoothness(objective, x_t, xn, gammas=st.gammas, grad_t=grad)
+            rows["smoothness"] = [
+                {
+                    "step": step,
+                    "l_hat": ls_.l_hat,
+                    "grad_norm": ls_.grad_norm,
+                    "step_norm": ls_.step_norm,
+                    "per_gamma": dict(zip([float(g) for g in ls_.gammas], [float(v) for v in ls_.per_gamma])),
+                }
+            ]
+            if st.coord_per_layer > 0:
+                cs = sm.coordinate_smoothness(objective, x_t, xn, per_layer=st.coord_per_layer, seed=st.seed, grad_t=grad)
+                rows["coord_smoothness"] = [
+                    {"step": step, "layer": layer, "ratio": c.ratio, "min_grad": c.min_grad} for layer, c in cs.items()
+                ]
+        timings["smoothness"] = time.perf_counter() - t0
+    if st.robust_every and measurement_index % st.robust_every == 0:
+        t0 = time.perf_counter()
+        rb = sm.robust_smoothness(objective, at=x_t, n_samples=st.robust_samples, seed=st.seed)
+        rows["robust"] = [
+            {
+                "step": step,
+                "top_eig": rb.top_eig,
+                "l_robust": rb.l_robust,
+                "ratio": rb.ratio,
+                "eps": rb.eps,
+                "n_removed": rb.n_removed,
+                "n_samples": rb.n_samples,
+            }
+        ]
+        timings["robust"] = time.perf_counter() - t0
+    rows["_timings"] = [timings]  # type: ignore[list-item]
+    rows["_grad"] = [{"grad": grad, "loss": loss}]  # type: ignore[list-item]
+    return rows
