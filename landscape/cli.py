@@ -1,0 +1,170 @@
+"""The ``landscape`` command line: a typer app over the library.
+
+Commands only parse their arguments, call the library and save; the work lives in
+:mod:`landscape.plots`, :mod:`landscape.report` and friends (imported inside each command, so that
+``landscape --help`` stays fast).
+
+Errors: bad input (a missing run folder, an unknown option, a step that was not measured, a run
+store error) prints **one line** on stderr, ``landscape <command>: error: <what and how to fix>``,
+and exits with status 2; no traceback. Unexpected exceptions (bugs) keep their traceback.
+
+Adding a command: write a function with ``Annotated[..., typer.Option(...)]`` parameters, decorate
+it with ``@app.command()``, and raise :class:`CLIError` (or ``typer.BadParameter``, or let a
+:class:`~landscape.store.StoreError` propagate) for bad input. Commands defined in another module register the same way
+(``from landscape.cli import app``) as long as that module is imported at the bottom of this one.
+
+Example:
+    $ landscape plot runs/tiny --format pdf          # figures into runs/tiny/figures
+    $ landscape report runs/tiny --format latex -o table.tex
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from landscape.plots import FIGURE_FORMATS, FIGURE_NAMES
+from landscape.report import REPORT_FORMATS
+from landscape.store import StoreError
+
+__all__ = ["app", "main", "CLIError", "USER_ERRORS"]
+
+
+class CLIError(Exception):
+    """Bad input detected by a command: reported as one line on stderr, exit status 2."""
+
+
+#: Exceptions that mean "bad input" rather than "bug": one line on stderr, exit status 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (CLIError, StoreError)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+class _OneLineErrors(TyperGroup):
+    """Typer group whose errors are one plain line on stderr (no usage box, no traceback).
+
+    Uses typer's public exception types only (typer >= 0.2x vendors its own click): argument
+    errors are ``typer.TyperException`` subclasses with ``format_message()`` and ``exit_code``.
+    """
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        argv = list(sys.argv[1:] if args is None else args)
+        prog = prog_name or "landscape"
+        sub = next((a for a in argv if not a.startswith("-")), None)
+        where = f"{prog} {sub}" if sub in self.commands else prog
+        try:
+            rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as e:
+            ctx = getattr(e, "ctx", None)
+            if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:  # bare `landscape`: the help
+                typer.echo(ctx.get_help())
+                sys.exit(e.exit_code)
+            where = ctx.command_path if ctx is not None else where
+            hint = f" (see '{where} --help')" if ctx is not None else ""
+            typer.echo(f"{where}: error: {_one_line(e.format_message())}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except USER_ERRORS as e:
+            typer.echo(f"{where}: error: {_one_line(str(e))}", err=True)
+            sys.exit(2)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(
+    name="landscape",
+    cls=_OneLineErrors,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Loss-landscape diagnostics for PyTorch optimizers: figures and tables from a run folder.",
+)
+
+FigureFormat = Enum("FigureFormat", {f: f for f in FIGURE_FORMATS}, type=str)
+FigureName = Enum("FigureName", {f: f for f in FIGURE_NAMES}, type=str)
+ReportFormat = Enum("ReportFormat", {f: f for f in REPORT_FORMATS}, type=str)
+
+RunArg = Annotated[
+    Path,
+    typer.Argument(exists=True, file_okay=False, dir_okay=True, readable=True, show_default=False,
+                   help="Run folder written by the probe (it holds run.sqlite)."),
+]
+
+
+@app.command()
+def plot(
+    run: RunArg,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", file_okay=False, show_default=False,
+        help="Folder to write the figures into (created). [default: RUN/figures]")] = None,
+    fmt: Annotated[FigureFormat, typer.Option(
+        "--format", "-f", help="File format: png (raster), pdf or svg (vector, fonts embedded).")] = "png",
+    every_step: Annotated[bool, typer.Option(
+        "--every-step", help="Also write the per-step figures (lines, histograms, cosines) of every measured step.")] = False,
+    only: Annotated[list[FigureName] | None, typer.Option(
+        "--only", show_default=False, help="Write only this figure (repeat for several). [default: all]")] = None,
+) -> None:
+    """Write every figure the run has data for, one file each.
+
+    Training loss, sharpness and sharpness ratio to SGD over training, loss along each update
+    direction and update histograms and cosine similarities (last measured step), and the
+    smoothness scatters when measured. Prints the paths written.
+    """
+    from landscape.plots import save_figures
+    from landscape.store import load_run
+
+    paths = save_figures(load_run(run), out if out is not None else run / "figures", FigureFormat(fmt).value,
+                         every_step=every_step, only=[FigureName(n).value for n in only] if only else None)
+    if not paths:
+        typer.echo(f"no figures written: {run} has no measurements yet", err=True)
+    for path in paths:
+        typer.echo(str(path))
+
+
+@app.command()
+def report(
+    run: RunArg,
+    fmt: Annotated[ReportFormat, typer.Option(
+        "--format", "-f",
+        help="md: Markdown tables; latex: booktabs tables; csv: tidy, one row per (step, direction).")] = "md",
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", dir_okay=False, show_default=False,
+        help="Write to this file instead of standard output.")] = None,
+    step: Annotated[list[int] | None, typer.Option(
+        "--step", "-s", show_default=False,
+        help="Only this measured step (repeat for several). [default: every measured step]")] = None,
+) -> None:
+    """Tabulate the run: per measured step, each direction's sharpness, ratio to SGD (seed 002
+    Table 1) and gradient correlation, the median ratio per direction, run metadata, and the
+    smoothness measurements when present."""
+    from landscape.report import report as make_report
+    from landscape.store import load_run
+
+    text = make_report(load_run(run), ReportFormat(fmt).value, steps=step or None)
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text, encoding="utf-8")
+    typer.echo(str(output), err=True)
+
+
+def main() -> None:
+    """Entry point of the ``landscape`` console script."""
+    app(prog_name="landscape")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,962 @@
+"""The run store: one measurement run = one folder holding ``run.sqlite``.
+
+A probe writes rows while the model trains; plots, reports and the user read them, during the run
+or after it. The store is a single SQLite database (standard library :mod:`sqlite3`) in WAL journal
+mode, so that
+
+* every :meth:`RunStore.write` (or every :meth:`RunStore.transaction` block) is one atomic commit,
+  made durable with ``synchronous=FULL``;
+* readers (:func:`load_run`, a read-only ``file:...?mode=ro`` connection) see every committed row
+  while the writer is still running, and never block it;
+* a writer killed with SIGKILL (or a power cut) loses at most the transaction it was in: every
+  committed row stays readable, and the run can be reopened to append (resume).
+
+All table schemas are declared in one place, :data:`TABLES`. Writers validate every row against it
+(an unknown table or column, a missing required column or a value of the wrong type raises
+:class:`SchemaError` naming the table and column). Array-valued columns (kind ``ARRAY``) are stored
+as JSON text and given back as :class:`numpy.ndarray`; free-form ``JSON`` columns are given back as
+Python objects.
+
+Missing values, deliberately:
+
+* ``REAL`` columns hold ``inf``/``-inf`` natively. SQLite turns NaN into NULL, so a NULL in a
+  ``REAL`` column reads back as ``nan`` when the column is not nullable by design (a computation
+  that gave NaN), and as ``None`` in :meth:`Run.rows` when it is nullable (``ratio_to_sgd``,
+  ``best_step``...: "not applicable"); NaN written to a nullable column therefore reads back as
+  ``None``. :meth:`Run.columns` and :meth:`Run.df` give ``nan`` for both.
+* Arrays and JSON values keep NaN and ±inf exactly (written as Python's ``json`` tokens ``NaN``,
+  ``Infinity``, ``-Infinity``).
+* Non-nullable columns of other kinds refuse ``None``.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> from landscape.store import RunStore, load_run
+    >>> folder = pathlib.Path(tempfile.mkdtemp()) / "run"
+    >>> with RunStore(folder, settings={"every": 10}, meta={"recipes": ["sgd", "adam"]}) as store:
+    ...     store.write("sharpness", [{"step": 0, "direction": "sgd", "sharpness": 2.0, "raw": 2.0,
+    ...         "shifted": False, "grad_correlation": 0.5, "update_norm": 1.0, "loss": 3.0}])
+    >>> run = load_run(folder)
+    >>> run.rows("sharpness")[0]["sharpness"], run.steps()
+    (2.0, [0])
+
+Adding a table: append a :class:`Table` to ``_TABLE_LIST`` below (columns, primary key, a docstring
+for each). Opening an existing run for writing creates missing tables and adds missing columns
+(as nullable ``ALTER TABLE ... ADD COLUMN``), so old runs can be resumed; reading an old run that
+lacks the table gives no rows, and a declared column missing from an old table reads as missing
+values. Then paste the output of ``python -m landscape.store`` (:func:`schema_markdown`) over the
+tables section of ``docs/store_schema.md``; a test checks the two agree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DB_NAME",
+    "SCHEMA_VERSION",
+    "Column",
+    "Table",
+    "TABLES",
+    "RunStore",
+    "Run",
+    "load_run",
+    "schema_markdown",
+    "StoreError",
+    "SchemaError",
+    "RunMismatchError",
+    "NotARunError",
+    "NoDataError",
+]
+
+DB_NAME = "run.sqlite"
+#: Bumped when a change to :data:`TABLES` is not a pure addition (stored in ``PRAGMA user_version``).
+SCHEMA_VERSION = 1
+
+KINDS = ("INTEGER", "REAL", "TEXT", "BOOL", "JSON", "ARRAY")
+_SQL_TYPE = {"INTEGER": "INTEGER", "REAL": "REAL", "TEXT": "TEXT", "BOOL": "INTEGER", "JSON": "TEXT",
+             "ARRAY": "TEXT"}
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+# --------------------------------------------------------------------------------------------------
+# errors
+
+
+class StoreError(Exception):
+    """Base class of every error raised by the run store."""
+
+
+class SchemaError(StoreError, ValueError):
+    """A row does not fit the declared schema (unknown table/column, missing value, wrong type)."""
+
+
+class RunMismatchError(StoreError, ValueError):
+    """An existing run folder was opened with different measurement settings."""
+
+
+class NotARunError(StoreError, FileNotFoundError):
+    """The path is not a run folder (no ``run.sqlite`` in it)."""
+
+
+class NoDataError(StoreError, LookupError):
+    """The run has no rows for what was asked (a table, a step, a direction)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# schema declarations
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a table.
+
+    Attributes:
+        name: SQL identifier.
+        kind: ``INTEGER``, ``REAL``, ``TEXT``, ``BOOL`` (stored INTEGER 0/1, read back ``bool``),
+            ``JSON`` (any JSON value, stored as text) or ``ARRAY`` (numbers, stored as JSON text,
+            read back as ``np.ndarray`` of ``dtype``).
+        nullable: whether ``None`` may be written (and the column omitted from a row).
+        doc: one line for the schema documentation.
+        dtype: numpy dtype of an ``ARRAY`` column.
+        auto: an ``INTEGER PRIMARY KEY AUTOINCREMENT`` column, filled by SQLite when omitted.
+    """
+
+    name: str
+    kind: str
+    nullable: bool = False
+    doc: str = ""
+    dtype: str = "float64"
+    auto: bool = False
+
+    def __post_init__(self) -> None:
+        if not _IDENT.match(self.name):
+            raise ValueError(f"column name {self.name!r} is not a plain SQL identifier")
+        if self.kind not in KINDS:
+            raise ValueError(f"column {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
+
+    @property
+    def sql_type(self) -> str:
+        return _SQL_TYPE[self.kind]
+
+    @property
+    def required(self) -> bool:
+        """Must be present (and not ``None``) in every written row."""
+        return not (self.nullable or self.auto)
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table: its columns (in order), primary key and documentation."""
+
+    name: str
+    columns: tuple[Column, ...]
+    primary_key: tuple[str, ...]
+    doc: str = ""
+    by_name: dict[str, Column] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not _IDENT.match(self.name):
+            raise ValueError(f"table name {self.name!r} is not a plain SQL identifier")
+        by_name = {c.name: c for c in self.columns}
+        if len(by_name) != len(self.columns):
+            raise ValueError(f"table {self.name!r} declares a column twice")
+        for key in self.primary_key:
+            if key not in by_name:
+                raise ValueError(f"table {self.name!r}: primary key column {key!r} is not declared")
+            if by_name[key].nullable:
+                raise ValueError(f"table {self.name!r}: primary key column {key!r} cannot be nullable")
+        autos = [c.name for c in self.columns if c.auto]
+        if autos and tuple(autos) != self.primary_key:
+            raise ValueError(f"table {self.name!r}: an auto column must be the whole primary key")
+        object.__setattr__(self, "by_name", by_name)
+
+    @property
+    def column_names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    def create_sql(self) -> str:
+        parts = []
+        for c in self.columns:
+            text = f'"{c.name}" {c.sql_type}'
+            if c.auto:
+                text += " PRIMARY KEY AUTOINCREMENT"
+            elif c.required and c.kind != "REAL":  # NaN is stored as NULL, so REAL stays nullable
+                text += " NOT NULL"
+            parts.append(text)
+        if not any(c.auto for c in self.columns):
+            parts.append("PRIMARY KEY (" + ", ".join(f'"{k}"' for k in self.primary_key) + ")")
+        return f'CREATE TABLE IF NOT EXISTS "{self.name}" ({", ".join(parts)})'
+
+
+def _c(name: str, kind: str, doc: str = "", **kw: Any) -> Column:
+    return Column(name, kind, doc=doc, **kw)
+
+
+_STEP = _c("step", "INTEGER", "training step (the probe's step counter)")
+_DIRECTION = _c("direction", "TEXT", "recipe name (`sgd`, `adam_clip`...) or the trained optimizer's "
+                                     "own step (`adam (trained)`)")
+
+_TABLE_LIST: tuple[Table, ...] = (
+    Table(
+        "meta",
+        (
+            _c("key", "TEXT", "name of the entry"),
+            _c("value", "JSON", "its value"),
+        ),
+        ("key",),
+        "Run metadata, one JSON value per key. Keys: `settings` (the measurement-defining configuration "
+        "a resumed run must match), `model` {class, n_params, n_measured}, `optimizer` {class, "
+        "hyperparameters}, `recipes` [names in order], `trained_direction` (e.g. `adam (trained)`), "
+        "`versions` {landscape, torch, python}, `created` (ISO 8601 time, kept on resume), "
+        "`mode` (`eval`/`train`).",
+    ),
+    Table(
+        "steps",
+        (
+            _STEP,
+            _c("loss", "REAL", "training loss of the step's batch"),
+            _c("grad_norm", "REAL", "l2 norm of the training gradient"),
+            _c("lr", "REAL", "learning rate of the first parameter group"),
+            _c("status", "TEXT", "`ok` or `skipped`"),
+            _c("reason", "TEXT", "why the step was skipped", nullable=True),
+            _c("wall", "REAL", "seconds since the run was created"),
+        ),
+        ("step",),
+        "One row per training step the probe saw.",
+    ),
+    Table(
+        "sharpness",
+        (
+            _STEP,
+            _DIRECTION,
+            _c("sharpness", "REAL", "reported directional sharpness: `shifted_value` if `shifted`, else `raw`"),
+            _c("raw", "REAL", "ûᵀ H û at x, û = u/‖u‖₂"),
+            _c("shifted_value", "REAL", "ûᵀ ∇²f(x + δû) û (seed 002 App. B.3 Eq. 4), when computed",
+               nullable=True),
+            _c("shifted", "BOOL", "whether `sharpness` is the δ-shifted value"),
+            _c("ratio_to_sgd", "REAL", "sharpness / sharpness of `sgd` at the same step", nullable=True),
+            _c("grad_correlation", "REAL", "gᵀû (positive = descent for x − s·û)"),
+            _c("update_norm", "REAL", "‖u‖₂ before normalisation"),
+            _c("best_step", "REAL", "quadratic-model best step G/S (when S > 0)", nullable=True),
+            _c("predicted_reduction", "REAL", "quadratic-model loss reduction G²/(2S) (when S > 0)",
+               nullable=True),
+            _c("loss", "REAL", "probe-batch loss f(x) at the measured point"),
+        ),
+        ("step", "direction"),
+        "Directional sharpness of every direction at every measured step (seed 002 Tables 1, 4-7).",
+    ),
+    Table(
+        "lines",
+        (
+            _STEP,
+            _DIRECTION,
+            _c("s", "ARRAY", "step sizes s ≥ 0, normalised by ‖u‖₂: the points are x − s·û"),
+            _c("loss", "ARRAY", "f(x − s·û) at each s"),
+            _c("best_step", "REAL", "s with the lowest loss"),
+            _c("best_loss", "REAL", "the lowest loss on the grid"),
+            _c("reduction", "REAL", "loss(0) − best_loss"),
+        ),
+        ("step", "direction"),
+        "Loss along each update direction (seed 002 Figs. 2-4).",
+    ),
+    Table(
+        "histograms",
+        (
+            _STEP,
+            _DIRECTION,
+            _c("edges", "ARRAY", "bin edges of log10|u_i| (len(counts) + 1)"),
+            _c("counts", "ARRAY", "number of coordinates in each bin", dtype="int64"),
+            _c("sparsity", "REAL", "fraction of coordinates with |u_i| < 1e-3·max_j|u_j| (exact zeros included)"),
+            _c("zeros", "INTEGER", "number of coordinates with u_i = 0 exactly (not in any bin)"),
+        ),
+        ("step", "direction"),
+        "Histogram of the update's coordinates on a log scale (seed 002 Fig. 1).",
+    ),
+    Table(
+        "cosine",
+        (
+            _STEP,
+            _c("a", "TEXT", "first direction"),
+            _c("b", "TEXT", "second direction"),
+            _c("cosine", "REAL", "⟨u_a, u_b⟩ / (‖u_a‖ ‖u_b‖)"),
+        ),
+        ("step", "a", "b"),
+        "Cosine similarity between pairs of directions (each unordered pair once, a before b in "
+        "direction order).",
+    ),
+    Table(
+        "smoothness",
+        (
+            _STEP,
+            _c("l_hat", "REAL", "L̂_t = max_γ ‖∇f(x_t+γd) − ∇f(x_t)‖ / ‖γd‖, d = x_{t+1} − x_t (seed 001 §5.2)"),
+            _c("grad_norm", "REAL", "‖∇f(x_t)‖ on the probe batch"),
+            _c("step_norm", "REAL", "‖d‖"),
+            _c("per_gamma", "JSON", "the ratio for each γ, as {γ: value} or a list"),
+        ),
+        ("step",),
+        "Local smoothness along the real training step (seed 001 Fig. 1).",
+    ),
+    Table(
+        "coord_smoothness",
+        (
+            _STEP,
+            _c("layer", "TEXT", "parameter name"),
+            _c("ratio", "ARRAY", "|∂_j f(x_{t+1}) − ∂_j f(x_t)| / |x_{t+1,j} − x_{t,j}| for sampled j"),
+            _c("min_grad", "ARRAY", "min(|∂_j f(x_t)|, |∂_j f(x_{t+1})|) for the same j"),
+        ),
+        ("step", "layer"),
+        "Coordinate-wise smoothness samples per layer (seed 001 Fig. 3).",
+    ),
+    Table(
+        "robust",
+        (
+            _STEP,
+            _c("top_eig", "REAL", "top Hessian eigenvalue L"),
+            _c("l_robust", "REAL", "ℓ after removing the ε fraction of coordinates with the largest "
+                                   "Hessian row norms"),
+            _c("ratio", "REAL", "L / ℓ"),
+            _c("eps", "REAL", "fraction of coordinates removed"),
+            _c("n_removed", "INTEGER", "number of coordinates removed"),
+            _c("n_samples", "INTEGER", "random sign vectors used to estimate the row norms"),
+        ),
+        ("step",),
+        "Robust smoothness (seed 002 App. D, Table 8).",
+    ),
+    Table(
+        "events",
+        (
+            _c("id", "INTEGER", "increasing event number", auto=True),
+            _c("step", "INTEGER", "training step, if the event belongs to one", nullable=True),
+            _c("kind", "TEXT", "short category (`resume`, `skip`, `warning`...)"),
+            _c("message", "TEXT", "human-readable text"),
+            _c("wall", "REAL", "seconds since the run was created"),
+        ),
+        ("id",),
+        "Log of notable events (resume, skipped measurements, warnings).",
+    ),
+)
+
+#: Every table of a run, by name. The one place where schemas are declared.
+TABLES: dict[str, Table] = {t.name: t for t in _TABLE_LIST}
+
+
+def _table(name: str) -> Table:
+    try:
+        return TABLES[name]
+    except KeyError:
+        raise SchemaError(f"unknown table {name!r}; known tables: {', '.join(TABLES)}") from None
+
+
+def schema_markdown() -> str:
+    """The schema of every table as Markdown (the source of ``docs/store_schema.md``)."""
+    out = [
+        "Each run is a folder holding `run.sqlite` (SQLite, WAL journal mode). Column kinds: "
+        "`ARRAY` and `JSON` are stored as JSON text (arrays come back as numpy arrays); `BOOL` is "
+        "INTEGER 0/1. Primary-key columns are in **bold**; *nullable* columns may be missing. "
+        "A NaN in a `REAL` column is stored as NULL and reads back as `nan`.",
+        "",
+    ]
+    for t in _TABLE_LIST:
+        out.append(f"#### `{t.name}`")
+        out.append("")
+        out.append(t.doc)
+        out.append("")
+        out.append("| column | kind | meaning |")
+        out.append("|---|---|---|")
+        for c in t.columns:
+            name = f"**{c.name}**" if c.name in t.primary_key else c.name
+            kind = c.kind + (f" ({c.dtype})" if c.kind == "ARRAY" and c.dtype != "float64" else "")
+            if c.nullable:
+                kind += ", *nullable*"
+            if c.auto:
+                kind += ", autoincrement"
+            out.append(f"| {name} | {kind} | {c.doc} |")
+        out.append("")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# encoding / decoding
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "detach"):  # a torch tensor, without importing torch
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, default=_json_default, allow_nan=True, ensure_ascii=False)
+
+
+def _normalise_json(value: Any, what: str) -> Any:
+    """``value`` as it will read back (tuples become lists, numpy scalars Python numbers...)."""
+    try:
+        return json.loads(_dumps(value))
+    except (TypeError, ValueError) as e:
+        raise SchemaError(f"{what} must be JSON-serialisable: {e}") from None
+
+
+def _encode(table: Table, col: Column, value: Any) -> Any:
+    where = f"table {table.name!r}, column {col.name!r}"
+    if value is None:
+        if col.required:
+            hint = " (write float('nan') for a value that could not be computed)" if col.kind == "REAL" else ""
+            raise SchemaError(f"{where}: None given but the column is not nullable{hint}")
+        return None
+    kind = col.kind
+    try:
+        if kind == "REAL":
+            if isinstance(value, str):
+                raise TypeError
+            return float(value)
+        if kind == "INTEGER":
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            return operator.index(value)
+        if kind == "BOOL":
+            if isinstance(value, (bool, np.bool_)) or value in (0, 1):
+                return int(bool(value))
+            raise TypeError
+        if kind == "TEXT":
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+        if kind == "JSON":
+            return _dumps(value)
+        # ARRAY
+        if hasattr(value, "detach"):
+            value = value.detach().cpu().numpy()
+        arr = np.asarray(value)
+        if arr.dtype == object or arr.dtype.kind not in "biuf":
+            raise TypeError
+        return json.dumps(arr.astype(col.dtype).tolist(), allow_nan=True)
+    except (TypeError, ValueError):
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise SchemaError(f"{where}: expected {kind}, got {type(value).__name__} {shown}") from None
+
+
+def _decode(col: Column | None, value: Any, *, nullable_as_none: bool = True) -> Any:
+    if col is None:  # a column written by a newer version of landscape
+        return value
+    if value is None:
+        if col.kind == "REAL" and (not col.nullable or not nullable_as_none):
+            return math.nan
+        return None
+    kind = col.kind
+    if kind == "REAL":
+        return float(value)
+    if kind == "INTEGER":
+        return int(value)
+    if kind == "BOOL":
+        return bool(value)
+    if kind == "JSON":
+        return json.loads(value)
+    if kind == "ARRAY":
+        return np.asarray(json.loads(value), dtype=col.dtype)
+    return value
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+_ABSENT = _Absent()
+
+
+def _settings_diff(old: Any, new: Any) -> list[tuple[str, Any, Any]]:
+    a, b = _flatten(old), _flatten(new)
+    diffs = []
+    for key in list(a) + [k for k in b if k not in a]:
+        va, vb = a.get(key, _ABSENT), b.get(key, _ABSENT)
+        if va is not vb and va != vb:
+            diffs.append((key or "<settings>", va, vb))
+    return diffs
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _epoch(iso: Any) -> float | None:
+    try:
+        return datetime.fromisoformat(str(iso)).timestamp()
+    except ValueError:
+        return None
+
+
+def _db_file(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.name == DB_NAME else path / DB_NAME
+
+
+# --------------------------------------------------------------------------------------------------
+# writing
+
+
+class RunStore:
+    """Writer of one run folder: creates it, or reopens it to append (resume).
+
+    Args:
+        path: the run folder (created, parents included, if missing).
+        settings: the measurement-defining configuration (probe settings, recipes...), JSON-serialisable.
+            Reopening a run with different settings raises :class:`RunMismatchError`.
+        meta: more metadata to store (see the ``meta`` table), e.g. ``{"recipes": [...],
+            "model": {...}}``. On resume it overwrites the stored keys, except ``created``.
+
+    Every :meth:`write` is one transaction; group several writes into one atomic commit with
+    :meth:`transaction`. Thread-safe (one lock). Use as a context manager or call :meth:`close`.
+
+    Example:
+        >>> store = RunStore(folder, settings={"every": 10})             # doctest: +SKIP
+        >>> with store.transaction():                                     # doctest: +SKIP
+        ...     store.write("sharpness", rows)
+        ...     store.write("lines", line_rows)
+    """
+
+    def __init__(self, path: str | Path, *, settings: Mapping[str, Any], meta: Mapping[str, Any] | None = None):
+        if not isinstance(settings, Mapping):
+            raise TypeError(f"settings must be a dict, got {type(settings).__name__}")
+        meta = dict(meta or {})
+        if "settings" in meta:
+            raise ValueError("pass the settings as settings=..., not inside meta")
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise NotADirectoryError(f"run folder {self.path} exists and is not a folder")
+        self.settings: dict[str, Any] = _normalise_json(dict(settings), "settings")
+        meta = {k: _normalise_json(v, f"meta[{k!r}]") for k, v in meta.items()}
+        self._lock = threading.RLock()
+        self._depth = 0
+        db = self.path / DB_NAME
+        existed = db.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(db), timeout=30.0, isolation_level=None, check_same_thread=False)
+        self._conn: sqlite3.Connection | None = conn
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            if existed:
+                self._open_existing(meta)
+            else:
+                self._create(meta)
+        except BaseException:
+            conn.close()
+            self._conn = None
+            raise
+
+    # -- opening
+
+    def _create(self, meta: dict[str, Any]) -> None:
+        self._start = time.time()
+        meta.setdefault("created", _now_iso())
+        with self.transaction():
+            self._migrate()
+            self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._put_meta({"settings": self.settings, **meta})
+
+    def _open_existing(self, meta: dict[str, Any]) -> None:
+        rows = self._conn.execute(
+            "SELECT value FROM meta WHERE key='settings'"
+        ).fetchall() if self._has_table("meta") else []
+        if not rows:
+            raise NotARunError(f"{self.path / DB_NAME} exists but is not a landscape run (no settings stored)")
+        old = json.loads(rows[0][0])
+        diffs = _settings_diff(old, self.settings)
+        if diffs:
+            lines = "; ".join(f"{k}: {a!r} (stored) != {b!r} (new)" for k, a, b in diffs)
+            raise RunMismatchError(
+                f"run folder {self.path} was measured with different settings: {lines}. "
+                "Resuming would mix incomparable measurements; choose a new --out folder."
+            )
+        created = self._conn.execute("SELECT value FROM meta WHERE key='created'").fetchone()
+        start = _epoch(json.loads(created[0])) if created else None
+        self._start = start if start is not None else time.time()
+        meta.pop("created", None)
+        with self.transaction():
+            self._migrate()
+            self._put_meta(meta)
+            self.log_event(None, "resume", f"reopened for writing at {_now_iso()}")
+
+    def _has_table(self, name: str) -> bool:
+        return self._conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)
+        ).fetchone() is not None
+
+    def _migrate(self) -> None:
+        for t in _TABLE_LIST:
+            if not self._has_table(t.name):
+                self._conn.execute(t.create_sql())
+                continue
+            present = {r[1] for r in self._conn.execute(f'PRAGMA table_info("{t.name}")')}
+            for c in t.columns:
+                if c.name not in present:
+                    self._conn.execute(f'ALTER TABLE "{t.name}" ADD COLUMN "{c.name}" {c.sql_type}')
+
+    def _put_meta(self, meta: Mapping[str, Any]) -> None:
+        if meta:
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                [(str(k), _dumps(v)) for k, v in meta.items()],
+            )
+
+    # -- writing
+
+    def _check_open(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError(f"the run store {self.path} is closed")
+        return self._conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[RunStore]:
+        """Group writes into one atomic commit (nestable; an exception rolls the block back)."""
+        with self._lock:
+            conn = self._check_open()
+            name = f"sp{self._depth}"
+            conn.execute(f"SAVEPOINT {name}")
+            self._depth += 1
+            try:
+                yield self
+            except BaseException:
+                self._depth -= 1
+                conn.execute(f"ROLLBACK TO {name}")
+                conn.execute(f"RELEASE {name}")
+                raise
+            else:
+                self._depth -= 1
+                conn.execute(f"RELEASE {name}")  # the outermost RELEASE commits
+
+    def write(self, table: str, rows: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> int:
+        """Insert (or replace, by primary key) rows into ``table`` in one transaction.
+
+        Args:
+            table: a name in :data:`TABLES`.
+            rows: a list of ``{column: value}`` dicts (or one dict). Nullable columns may be
+                omitted. Arrays may be lists, numpy arrays or tensors.
+
+        Returns:
+            The number of rows written.
+
+        Raises:
+            SchemaError: unknown table or column, a required column missing, a wrong type.
+        """
+        t = _table(table)
+        if isinstance(rows, Mapping):
+            rows = [rows]
+        names = [c.name for c in t.columns if not c.auto]
+        auto = [c.name for c in t.columns if c.auto]
+        if any(a in row for row in rows for a in auto):
+            names += auto
+        records = []
+        for i, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                raise SchemaError(f"table {table!r}: row {i} is a {type(row).__name__}, not a dict")
+            unknown = [k for k in row if k not in t.by_name]
+            if unknown:
+                raise SchemaError(
+                    f"table {table!r}: unknown column(s) {', '.join(map(repr, unknown))}; "
+                    f"columns are {', '.join(t.column_names)}"
+                )
+            missing = [c.name for c in t.columns if c.required and c.name not in row]
+            if missing:
+                raise SchemaError(f"table {table!r}: row {i} is missing column(s) {', '.join(map(repr, missing))}")
+            records.append(tuple(_encode(t, t.by_name[n], row.get(n)) for n in names))
+        if not records:
+            return 0
+        sql = (f'INSERT OR REPLACE INTO "{t.name}" (' + ", ".join(f'"{n}"' for n in names)
+               + ") VALUES (" + ", ".join("?" * len(names)) + ")")
+        with self.transaction():
+            self._conn.executemany(sql, records)
+        return len(records)
+
+    def set_meta(self, key: str, value: Any) -> None:
+        """Store ``value`` (JSON-serialisable) under ``key`` in the ``meta`` table."""
+        if key == "settings":
+            raise ValueError("the settings of a run are fixed when it is created")
+        value = _normalise_json(value, f"meta[{key!r}]")
+        with self.transaction():
+            self._put_meta({key: value})
+
+    def log_event(self, step: int | None, kind: str, message: str) -> None:
+        """Append a row to the ``events`` table (``wall`` is filled in)."""
+        self.write("events", {"step": step, "kind": kind, "message": message, "wall": self.elapsed()})
+
+    def elapsed(self) -> float:
+        """Seconds since the run was created (across resumes): the value for ``wall`` columns."""
+        return time.time() - self._start
+
+    def run(self) -> Run:
+        """A reader of this run (sees everything committed so far)."""
+        return load_run(self.path)
+
+    def close(self) -> None:
+        """Close the database (idempotent). Uncommitted work is rolled back."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    @property
+    def closed(self) -> bool:
+        return self._conn is None
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RunStore({str(self.path)!r}{', closed' if self.closed else ''})"
+
+
+# --------------------------------------------------------------------------------------------------
+# reading
+
+
+def load_run(path: str | Path) -> Run:
+    """Open a run folder for reading (read-only; works while a writer is active or after it died).
+
+    Args:
+        path: the run folder (or its ``run.sqlite``).
+
+    Raises:
+        NotARunError: (a :class:`FileNotFoundError`) when there is no run there.
+    """
+    db = _db_file(path)
+    if not db.is_file():
+        folder = db.parent
+        why = "does not exist" if not folder.exists() else f"has no {DB_NAME}"
+        raise NotARunError(f"not a landscape run: {folder} {why}")
+    run = Run(db.parent)
+    run.meta  # noqa: B018  (fail now, with a clear message, if this is not a run database)
+    return run
+
+
+class Run:
+    """Read-only view of a run folder. Every call reads what is committed at that moment; wrap
+    several calls in :meth:`snapshot` to read them as of one instant.
+
+    Attributes:
+        path: the run folder.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._uri = (self.path / DB_NAME).resolve().as_uri() + "?mode=ro"
+        self._snapshot: sqlite3.Connection | None = None
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            return sqlite3.connect(self._uri, uri=True, timeout=30.0, isolation_level=None)
+        except sqlite3.OperationalError as e:
+            raise NotARunError(f"cannot open {self.path / DB_NAME}: {e}") from None
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> tuple[list[str], list[tuple]]:
+        conn = self._snapshot or self._open()
+        try:
+            cur = conn.execute(sql, tuple(params))
+            names = [d[0] for d in cur.description] if cur.description else []
+            return names, cur.fetchall()
+        except sqlite3.DatabaseError as e:
+            raise NotARunError(f"{self.path / DB_NAME} is not a readable landscape run: {e}") from None
+        finally:
+            if conn is not self._snapshot:
+                conn.close()
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Run]:
+        """Read several tables as of one instant: inside the block every read sees the same
+        committed state, even while a writer keeps committing (one read transaction).
+
+        Example:
+            >>> with run.snapshot():                                      # doctest: +SKIP
+            ...     steps, lines = run.steps(), run.rows("lines")          # consistent with each other
+        """
+        if self._snapshot is not None:  # nested: already inside one
+            yield self
+            return
+        conn = self._open()
+        try:
+            conn.execute("BEGIN")
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchall()  # starts the read transaction
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            raise NotARunError(f"{self.path / DB_NAME} is not a readable landscape run: {e}") from None
+        self._snapshot = conn
+        try:
+            yield self
+        finally:
+            self._snapshot = None
+            conn.execute("ROLLBACK")
+            conn.close()
+
+    def _exists(self, table: str) -> bool:
+        _, rows = self._query("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,))
+        return bool(rows)
+
+    # -- metadata
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Every ``meta`` entry, decoded."""
+        if not self._exists("meta"):
+            raise NotARunError(f"{self.path / DB_NAME} is not a landscape run (no meta table)")
+        _, rows = self._query("SELECT key, value FROM meta ORDER BY key")
+        return {k: json.loads(v) for k, v in rows}
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The measurement-defining configuration the run was created with."""
+        return self.meta.get("settings", {})
+
+    @property
+    def trained_direction(self) -> str | None:
+        """The name of the trained optimizer's own direction (e.g. ``"adam (trained)"``), if any."""
+        return self.meta.get("trained_direction")
+
+    @property
+    def directions(self) -> list[str]:
+        """Every direction: ``meta["recipes"]`` in order, the trained direction, then any other
+        direction found in the ``sharpness``, ``lines`` or ``histograms`` tables."""
+        meta = self.meta
+        out = list(meta.get("recipes") or [])
+        trained = meta.get("trained_direction")
+        if trained and trained not in out:
+            out.append(trained)
+        for table in ("sharpness", "lines", "histograms"):
+            if self._exists(table):
+                _, rows = self._query(f'SELECT direction FROM "{table}" GROUP BY direction ORDER BY MIN(rowid)')
+                out += [d for (d,) in rows if d not in out]
+        return out
+
+    # -- rows
+
+    def _select(self, table: str, where: Mapping[str, Any]) -> tuple[Table, list[str], list[tuple]]:
+        t = _table(table)
+        for key in where:
+            if key not in t.by_name:
+                raise SchemaError(f"table {table!r} has no column {key!r}; columns are {', '.join(t.column_names)}")
+        if not self._exists(table):
+            return t, t.column_names, []
+        clause = " AND ".join(f'"{k}" = ?' for k in where)
+        params = [_encode(t, t.by_name[k], v) for k, v in where.items()]
+        order = ", ".join(f'"{k}"' for k in t.primary_key)
+        sql = f'SELECT * FROM "{table}"' + (f" WHERE {clause}" if clause else "") + f" ORDER BY {order}"
+        names, rows = self._query(sql, params)
+        missing = [c for c in t.column_names if c not in names]  # an older run
+        if missing:
+            rows = [r + (None,) * len(missing) for r in rows]
+            names = names + missing
+        return t, names, rows
+
+    def rows(self, table: str, **where: Any) -> list[dict[str, Any]]:
+        """Rows of ``table`` as dicts (arrays as numpy arrays), ordered by primary key.
+
+        Keyword arguments filter on equality, e.g. ``run.rows("lines", step=100)``.
+        """
+        t, names, rows = self._select(table, where)
+        cols = [t.by_name.get(n) for n in names]
+        return [{n: _decode(c, v) for n, c, v in zip(names, cols, r)} for r in rows]
+
+    def columns(self, table: str, **where: Any) -> dict[str, np.ndarray]:
+        """Column-wise view of :meth:`rows`: ``REAL`` as float arrays (``nan`` for missing),
+        ``INTEGER`` as int64 (float64 with ``nan`` if some are missing), ``BOOL`` as bool, others as
+        object arrays (``ARRAY`` cells hold numpy arrays)."""
+        t, names, rows = self._select(table, where)
+        out: dict[str, np.ndarray] = {}
+        for j, name in enumerate(names):
+            col = t.by_name.get(name)
+            values = [_decode(col, r[j], nullable_as_none=False) for r in rows]
+            kind = col.kind if col is not None else None
+            if kind == "REAL":
+                out[name] = np.array(values, dtype=np.float64)
+            elif kind in ("INTEGER", "BOOL") and None not in values:
+                out[name] = np.array(values, dtype=np.int64 if kind == "INTEGER" else bool)
+            elif kind == "INTEGER":
+                out[name] = np.array([math.nan if v is None else v for v in values], dtype=np.float64)
+            else:
+                arr = np.empty(len(values), dtype=object)
+                arr[:] = values
+                out[name] = arr
+        return out
+
+    def df(self, table: str, **where: Any):
+        """:meth:`rows` as a :class:`pandas.DataFrame` (missing ``REAL`` values as NaN)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("Run.df needs pandas: pip install 'landscape[pandas]' (or pip install pandas)") from None
+        t, names, _ = self._select(table, where)
+        cols = self.columns(table, **where)
+        return pd.DataFrame({n: cols[n] for n in names})
+
+    def steps(self, table: str = "sharpness") -> list[int]:
+        """Sorted distinct steps that have rows in ``table``."""
+        t = _table(table)
+        if "step" not in t.by_name:
+            raise SchemaError(f"table {table!r} has no step column")
+        if not self._exists(table):
+            return []
+        _, rows = self._query(f'SELECT DISTINCT step FROM "{table}" WHERE step IS NOT NULL ORDER BY step')
+        return [int(s) for (s,) in rows]
+
+    def has(self, table: str) -> bool:
+        """Whether ``table`` has at least one row."""
+        _table(table)
+        if not self._exists(table):
+            return False
+        _, rows = self._query(f'SELECT 1 FROM "{table}" LIMIT 1')
+        return bool(rows)
+
+    def events(self) -> list[dict[str, Any]]:
+        """The ``events`` log, oldest first."""
+        return self.rows("events")
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Run a read-only SQL query; rows as dicts of raw SQLite values (JSON left as text)."""
+        names, rows = self._query(sql, params)
+        return [dict(zip(names, r)) for r in rows]
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+
+if __doc__ is not None:
+    __doc__ += "\nTables\n------\n\n" + schema_markdown()
+
+
+if __name__ == "__main__":  # python -m landscape.store: the tables section of docs/store_schema.md
+    print(schema_markdown())

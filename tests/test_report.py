@@ -1,0 +1,181 @@
+"""Reports: the numbers printed are the stored numbers, shifted values are flagged, formats parse."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+
+import numpy as np
+import pytest
+
+from landscape import report as rp
+from landscape.report import CSV_COLUMNS, report, sharpness_records, summary
+from landscape.store import NoDataError, RunStore, load_run
+from tests._synthetic import write_synthetic_run
+
+
+def md_section(text: str, title: str) -> list[list[str]]:
+    """Rows (cells) of the first Markdown table under the heading ``## {title}``."""
+    part = text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in part.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in row.strip("|").split(" | ")] for row in rows[2:]]
+
+
+# -- data helpers ----------------------------------------------------------------------------------
+
+
+def test_sharpness_records_join_lines_and_follow_direction_order(synthetic_run):
+    run = synthetic_run
+    records = sharpness_records(run)
+    assert len(records) == 3 * len(run.directions)
+    assert [r["direction"] for r in records[: len(run.directions)]] == run.directions
+    lines = {(r["step"], r["direction"]): r for r in run.rows("lines")}
+    for r in records:
+        line = lines[(r["step"], r["direction"])]
+        assert (r["line_best_step"], r["line_reduction"]) == (line["best_step"], line["reduction"])
+    assert {r["step"] for r in sharpness_records(run, steps=[50])} == {50}
+
+
+def test_summary_medians_ignore_nan(synthetic_run):
+    run = synthetic_run
+    rows = {s["direction"]: s for s in summary(run)}
+    c = run.columns("sharpness")
+    for d, s in rows.items():
+        m = c["direction"] == d
+        assert s["median_ratio_to_sgd"] == pytest.approx(np.nanmedian(c["ratio_to_sgd"][m]))
+        assert s["n_steps"] == 3 and s["n_shifted"] == int(c["shifted"][m].sum())
+    assert rows["sgd"]["median_ratio_to_sgd"] == 1.0
+    assert rows["adam"]["n_shifted"] == 1 and rows["lion"]["n_shifted"] == 1
+    assert not math.isnan(rows["gensignsgd"]["median_sharpness"])  # one NaN step ignored
+
+
+# -- markdown --------------------------------------------------------------------------------------
+
+
+def test_markdown_header_and_per_step_tables(synthetic_run):
+    run = synthetic_run
+    text = report(run, "md")
+    header = dict(md_section("\n## top\n" + text.split("\n", 2)[2], "top"))
+    assert header["model"] == "TinyLM, 1,234,567 parameters (1,200,000 measured)"
+    assert header["optimizer"].startswith("AdamW(lr=0.001")
+    assert header["recipes"].startswith("17: sgd, sgd_clip,")
+    assert header["measured steps"] == "3: 0, 50, 100"
+    assert header["training steps"] == "101 (1 skipped)"
+    assert header["trained direction"] == "adam (trained)"
+    for step in (0, 50, 100):
+        table = md_section(text, f"Step {step}")
+        assert [row[0] for row in table] == run.directions
+        stored = {r["direction"]: r for r in run.rows("sharpness", step=step)}
+        for direction, sharp, ratio, corr in table:
+            r = stored[direction]
+            assert sharp == rp._md_num(r["sharpness"]) + ("†" if r["shifted"] else "")
+            assert ratio == rp._md_num(r["ratio_to_sgd"]) and corr == rp._md_num(r["grad_correlation"])
+    assert md_section(text, "Step 0")[run.directions.index("gensignsgd")][1] == "–"  # NaN
+
+
+def test_markdown_marks_shifted_values_with_a_dagger_and_footnote(synthetic_run):
+    text = report(synthetic_run, "md")
+    step50 = {row[0]: row for row in md_section(text, "Step 50")}
+    assert step50["adam"][1] == "0.0021†"
+    assert sum("†" in row[1] for row in step50.values()) == 1
+    part = text.split("## Step 50\n", 1)[1].split("\n## ", 1)[0]
+    assert "† δ-shifted sharpness" in part and "(δ = 0.01)" in part and "adam -0.0013" in part
+    assert "†" not in text.split("## Step 0\n", 1)[1].split("\n## ", 1)[0]
+    step100 = {row[0]: row for row in md_section(text, "Step 100")}
+    assert step100["lion"][1] == "-5.000e-04†" and step100["lion"][2].startswith("-")
+
+
+def test_markdown_summary_and_smoothness(synthetic_run):
+    text = report(synthetic_run, "md")
+    summary_rows = {row[0]: row for row in md_section(text, "Sharpness relative to SGD (median over 3 measured steps)")}
+    med = {s["direction"]: s for s in summary(synthetic_run)}
+    assert summary_rows["adam_clip"][1] == rp._md_num(med["adam_clip"]["median_ratio_to_sgd"])
+    assert summary_rows["adam"][4] == "1/3"
+    smooth = dict(md_section(text, "Local smoothness along the training steps (seed 001 §5.2)"))
+    assert smooth["samples"] == "20 (steps 0–95)"
+    layers = md_section(text, "Coordinate-wise smoothness per layer (seed 001 Fig. 3)")
+    assert {row[0] for row in layers} == {"embed.weight", "blocks.0.attn.qkv.weight"}
+    robust = md_section(text, "Robust smoothness (seed 002 App. D, Table 8)")
+    assert [row[0] for row in robust] == ["0", "50", "100"] and robust[1][1] == "170"
+
+
+def test_markdown_without_smoothness_or_measurements(tmp_path):
+    run = load_run(write_synthetic_run(tmp_path / "r", measured=(0,), recipes=("sgd", "adam"), smoothness=False))
+    text = report(run, "md")
+    assert "## Step 0" in text and "smoothness" not in text.lower().replace("settings", "")
+    RunStore(tmp_path / "empty", settings={}).close()
+    empty = report(load_run(tmp_path / "empty"), "md")
+    assert "No sharpness measurements yet" in empty
+    assert report(load_run(tmp_path / "empty"), "csv") == ",".join(CSV_COLUMNS) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("x", "md", "tex"),
+    [(0.527104, "0.5271", "0.5271"), (1.0, "1", "1"), (6.617e-5, "6.617e-05", r"$6.617 \times 10^{-5}$"),
+     (-2.5e7, "-2.500e+07", r"$-2.500 \times 10^{7}$"), (math.nan, "–", "--"), (None, "–", "--"),
+     (math.inf, "∞", r"$\infty$"), (0.0, "0", "0")],
+)
+def test_number_formats(x, md, tex):
+    assert rp._md_num(x) == md and rp._tex_num(x) == tex
+
+
+# -- LaTeX -----------------------------------------------------------------------------------------
+
+
+def test_latex_is_booktabs_with_escaped_names(synthetic_run):
+    text = report(synthetic_run, "latex", steps=[50, 100])
+    assert text.count(r"\begin{table}") == text.count(r"\end{table}") == 1 + 2 + 3  # summary, steps, smoothness
+    for rule in (r"\toprule", r"\midrule", r"\bottomrule"):
+        assert text.count(rule) == 6
+    body = "\n".join(line for line in text.splitlines() if not line.startswith("%"))  # comments: raw metadata
+    assert r"adam\_clip\_update & " in body and "adam_clip" not in body.replace(r"\_", "")
+    assert r"0.0021$^\dagger$" in text and r"\multicolumn{4}{l}{\footnotesize $^\dagger$" in text
+    assert r"$\delta = 0.01$" in text
+    for line in text.splitlines():
+        if line.startswith("%"):
+            continue
+        outside_math = re.sub(r"\$[^$]*\$", "", line).replace(" & ", " ")  # drop math and column separators
+        assert not re.search(r"(?<!\\)[_%&#]", outside_math), line  # every special character escaped
+        assert line.count("{") - line.count(r"\{") == line.count("}") - line.count(r"\}"), line
+    assert "% model: TinyLM, 1,234,567 parameters" in text
+    assert "Directional sharpness at step 50 (TinyLM with 1,234,567 parameters, trained with AdamW)." in text
+
+
+def test_tex_escape():
+    assert rp.tex_escape(r"a_b & c%d $e #f {g} ~h ^i \j") == (
+        r"a\_b \& c\%d \$e \#f \{g\} \textasciitilde{}h \textasciicircum{}i \textbackslash{}j"
+    )
+
+
+# -- CSV -------------------------------------------------------------------------------------------
+
+
+def test_csv_is_tidy_and_exact(synthetic_run):
+    run = synthetic_run
+    text = report(run, "csv")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert tuple(rows[0]) == CSV_COLUMNS
+    assert len(rows) == 3 * len(run.directions)
+    stored = {(r["step"], r["direction"]): r for r in run.rows("sharpness")}
+    for row in rows:
+        r = stored[(int(row["step"]), row["direction"])]
+        for col in ("sharpness", "raw", "ratio_to_sgd", "grad_correlation", "update_norm", "best_step", "loss"):
+            value = r[col]
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                assert row[col] == ""
+            else:
+                assert float(row[col]) == value  # full precision
+        assert row["shifted"] == str(int(r["shifted"]))
+    pd = pytest.importorskip("pandas")
+    df = pd.read_csv(io.StringIO(text))
+    assert list(df.columns) == list(CSV_COLUMNS) and df["sharpness"].isna().sum() == 1
+    assert df["shifted"].sum() == 2
+
+
+def test_bad_arguments(synthetic_run):
+    with pytest.raises(ValueError, match="md, latex, csv"):
+        report(synthetic_run, "html")
+    with pytest.raises(NoDataError, match=r"step\(s\) 7 not measured.*measured steps: 0, 50, 100"):
+        report(synthetic_run, "md", steps=[7])
