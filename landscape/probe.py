@@ -234,6 +234,13 @@ class Probe:
                 saved = torch.load(state_file, weights_only=True)
                 self._pseudo.load_state_dict(saved["pseudo"])
                 self._measurements = int(saved.get("measurements", 0))
+                if int(saved.get("step", self.step)) != self.step:
+                    self._store.log_event(
+                        self.step,
+                        "warning",
+                        f"recipe states were saved at step {saved.get('step')}, the run's last step is {self.step}: "
+                        "the pseudo-update momenta continue from the saved step",
+                    )
             self._store.log_event(self.step, "resume", f"resumed after step {self.step}")
 
     def attach(self, optimizer: torch.optim.Optimizer) -> ProbeHandle:
@@ -330,7 +337,7 @@ class Probe:
 
     def _record_step(self, row: dict[str, Any]) -> None:
         assert self._store is not None
-        row = {k: (float("nan") if k == "loss" and v is None else v) for k, v in row.items()}
+        row = {k: (float("nan") if k in ("loss", "lr", "grad_norm") and v is None else v) for k, v in row.items()}
         row["wall"] = self._store.elapsed()
         self._step_rows.append(row)
         if len(self._step_rows) >= 50:
@@ -369,9 +376,12 @@ class Probe:
             for table, table_rows in rows.items():
                 if table_rows:
                     self._store.write(table, table_rows)
-        if self.save_state:
+        self._save_state()
+
+    def _save_state(self) -> None:
+        if self.save_state and self._pseudo is not None and self._pseudo.step:
             tmp = self.out / (_STATE_FILE + ".tmp")
-            torch.save({"pseudo": self._pseudo.state_dict(), "measurements": self._measurements, "step": step}, tmp)
+            torch.save({"pseudo": self._pseudo.state_dict(), "measurements": self._measurements, "step": self.step}, tmp)
             tmp.replace(self.out / _STATE_FILE)
 
     # ------------------------------------------------------------------ lifetime
@@ -385,6 +395,7 @@ class Probe:
             self._handle = None
         if self._store is not None:
             self._flush_steps()
+            self._save_state()
             self._store.close()
             self._store = None
 
