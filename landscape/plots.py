@@ -503,6 +503,20 @@ def coordinate_smoothness(run: Run, layer: str | None = None, ax: Axes | None = 
 # -- saving ----------------------------------------------------------------------------------------
 
 
+#: Directions of the saved histogram figure (seed 002 Fig. 1), plus the trained direction.
+FIG1_DIRECTIONS = ("sgd", "adam", "adafactor")
+
+
+def _fig1_directions(run: Run, step: int | None = None) -> list[str] | None:
+    """Seed 002 Fig. 1's directions that the run has (and the trained one); None (all) if none."""
+    present = {r["direction"] for r in run.rows("histograms", step=_pick_step(run, "histograms", step))}
+    chosen = [d for d in FIG1_DIRECTIONS if d in present]
+    if not chosen:
+        return None
+    trained = run.trained_direction
+    return chosen + ([trained] if trained in present else [])
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "x"
 
@@ -532,7 +546,8 @@ def save_figures(run: Run, out_dir: str | Path, fmt: str = "png", *, every_step:
     """Write every figure the run has data for into ``out_dir`` (created), in paper style.
 
     Files (``<name>.<fmt>``): ``training_loss``, ``sharpness_over_time``, ``sharpness_ratio``,
-    ``landscape_lines``, ``update_histograms``, ``cosine_heatmap`` (last measured step),
+    ``landscape_lines``, ``update_histograms`` (the directions of seed 002 Fig. 1, SGD, Adam and
+    Adafactor, plus the trained one, when present; all otherwise), ``cosine_heatmap`` (last measured step),
     ``smoothness``, ``coordinate_smoothness`` (one panel per layer). A figure without data (no
     smoothness rows, no ``sgd`` for the ratio...) is skipped. With ``every_step``, also
     ``landscape_lines_step<N>``, ``update_histograms_step<N>`` and ``cosine_heatmap_step<N>`` for
@@ -566,14 +581,18 @@ def save_figures(run: Run, out_dir: str | Path, fmt: str = "png", *, every_step:
         ("sharpness_over_time", "double", 0.45, lambda ax: sharpness_over_time(run, ax=ax)),
         ("sharpness_ratio", "double", 0.45, lambda ax: sharpness_ratio(run, ax=ax)),
         ("landscape_lines", "double", 0.45, lambda ax: landscape_lines(run, ax=ax)),
-        ("update_histograms", "double", 0.45, lambda ax: update_histograms(run, ax=ax)),
+        ("update_histograms", "double", 0.45,
+         lambda ax: update_histograms(run, ax=ax, directions=_fig1_directions(run))),
         ("cosine_heatmap", "double", 0.85, lambda ax: cosine_heatmap(run, ax=ax)),
         ("smoothness", "single", 0.8, lambda ax: smoothness_scatter(run, ax=ax)),
     ]
     specs = [spec for spec in specs if spec[0] in wanted]
     if every_step:
+        def histograms(run: Run, step: int, ax: Axes) -> Axes:
+            return update_histograms(run, step, ax=ax, directions=_fig1_directions(run, step))
+
         per_step = (("landscape_lines", "lines", landscape_lines, 0.45),
-                    ("update_histograms", "histograms", update_histograms, 0.45),
+                    ("update_histograms", "histograms", histograms, 0.45),
                     ("cosine_heatmap", "cosine", cosine_heatmap, 0.85))
         for name, table, fn, aspect in per_step:
             if name not in wanted:

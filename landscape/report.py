@@ -170,6 +170,25 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
+#: torch.optim implementation switches, left out of the optimizer line when off.
+_IMPLEMENTATION_FLAGS = ("foreach", "capturable", "differentiable", "fused", "maximize")
+
+
+def _boring(key: str, value: Any) -> bool:
+    return value is None or (key in _IMPLEMENTATION_FLAGS and value is False)
+
+
+def _short(value: Any) -> str:
+    """A setting's value, short enough for a header line."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        if len(value) > 4:
+            return f"[{len(value)} items]"
+        return "[" + ", ".join(_short(v) for v in value) + "]"
+    return str(value)
+
+
 def _int(n: Any) -> str:
     return f"{n:,}" if isinstance(n, int) else str(n)
 
@@ -192,7 +211,8 @@ def _metadata(run: Run) -> list[tuple[str, str]]:
     optimizer = meta.get("optimizer")
     if isinstance(optimizer, dict):
         hp = optimizer.get("hyperparameters") or {}
-        args = ", ".join(f"{k}={v}" for k, v in hp.items()) if isinstance(hp, dict) else str(hp)
+        args = ", ".join(f"{k}={_short(v)}" for k, v in hp.items() if not _boring(k, v)) \
+            if isinstance(hp, dict) else str(hp)
         out.append(("optimizer", f"{optimizer.get('class', '?')}({args})"))
     if meta.get("trained_direction"):
         out.append(("trained direction", str(meta["trained_direction"])))
@@ -214,9 +234,10 @@ def _metadata(run: Run) -> list[tuple[str, str]]:
     versions = meta.get("versions")
     if isinstance(versions, dict):
         out.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items())))
-    settings = {k: v for k, v in _flat(meta.get("settings") or {}).items() if k != "recipes"}
+    settings = {k: v for k, v in _flat(meta.get("settings") or {}).items()
+                if k.rsplit(".", 1)[-1] not in ("recipes", "trained_direction") and v != {}}
     if settings:
-        out.append(("settings", ", ".join(f"{k}={v}" for k, v in settings.items())))
+        out.append(("settings", ", ".join(f"{k}={_short(v)}" for k, v in settings.items())))
     return out
 
 

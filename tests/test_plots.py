@@ -203,6 +203,12 @@ def test_update_histograms_draw_fractions_of_all_coordinates(synthetic_run):
     np.testing.assert_array_equal(ax.patches[0].get_data()[0], run.rows("histograms", step=50, direction="signsgd")[0]["counts"])
 
 
+def test_saved_histograms_follow_seed_002_figure_1(small_run, tmp_path):
+    assert lp._fig1_directions(small_run) == ["sgd", "adam", "adam (trained)"]  # not sgd_clip
+    run = load_run(write_synthetic_run(tmp_path / "r", measured=(0,), recipes=("lion",), trained=None, smoothness=False))
+    assert lp._fig1_directions(run) is None  # none of SGD/Adam/Adafactor: every direction
+
+
 def test_cosine_heatmap_shows_the_symmetric_matrix(synthetic_run):
     run = synthetic_run
     ax = lp.cosine_heatmap(run, step=0)
