@@ -38,9 +38,11 @@ from landscape.optim._core import (
     Ctx,
     EMASquare,
     FactoredSquare,
+    Flat,
     MomentKind,
     Transform,
     Tree,
+    flat,
     from_atoms,
 )
 
@@ -118,7 +120,7 @@ def _norms(xs: list[Tensor]) -> list[float]:
 # top-k% threshold
 # --------------------------------------------------------------------------------------------------
 
-_BINS = 1 << 15  # the top 16 bits of a non-negative float32: 8 exponent bits and 7 mantissa bits
+_BINS = 1 << 15  # bfloat16 patterns of non-negative values: 8 exponent bits and 7 mantissa bits
 
 
 def _count_top(fraction: float, n: int) -> int:
@@ -129,14 +131,15 @@ def _count_top(fraction: float, n: int) -> int:
 
 
 class _AbsHistogram:
-    """|x| of a flat vector binned by the top 16 bits of its float32 pattern (monotone in |x|), so
+    """|x| of a flat vector binned by its bfloat16 bit pattern (monotone in |x|), so
     that the k-th largest value is found exactly by one ``bincount`` and a ``kthvalue`` within one
     bin (a radix select): O(n), and about 10× faster than ``torch.kthvalue`` on the whole vector."""
 
     def __init__(self, flat_abs: Tensor) -> None:
         self.flat = flat_abs
-        f32 = flat_abs if flat_abs.dtype == torch.float32 else flat_abs.to(torch.float32)
-        self.hi = f32.view(torch.int32) >> 16
+        # the bfloat16 bit pattern (round-to-nearest is monotone too) is 16 bits: half the traffic of
+        # `float32 bits >> 16` in the bincount and in the comparisons below
+        self.hi = flat_abs.to(torch.bfloat16).view(torch.int16)
         counts = torch.bincount(self.hi, minlength=_BINS)
         self.above = counts.flip(0).cumsum(0)  # above[j]: entries in bins >= _BINS - 1 - j
 
@@ -181,7 +184,8 @@ def _thresholds(x: Tree, fraction: float, per_tensor: bool, cache: dict | None) 
     if hit is not None and hit[0] is x:
         hist = hit[1]
     else:
-        hist = _AbsHistogram(torch.cat([v.reshape(-1) for v in x.values()]).abs_())
+        flat_abs = x.buf.abs() if isinstance(x, Flat) else torch.cat([v.reshape(-1) for v in x.values()]).abs_()
+        hist = _AbsHistogram(flat_abs)
         if cache is not None:
             cache[key] = (x, hist)
     tau = float(hist.kth_largest(k))
@@ -219,10 +223,19 @@ class ScaleByAdam(Atom):
         return {"m": (EMA(self.beta1), "input"), "v": (EMASquare(self.beta2), self.second_moment_of)}
 
     def apply(self, x: Tree | None, m: Mapping[str, Tree], ctx: Ctx) -> Tree:
+        b1, b2 = self.beta1, self.beta2
+        t = ctx.uniform_step()
+        if flat(m["m"], m["v"]) and t is not None:
+            mb, vb = m["m"].buf, m["v"].buf  # type: ignore[attr-defined]
+            denom = vb.sqrt().div_(math.sqrt(1.0 - b2**t))
+            if self.eps:
+                denom.add_(self.eps)
+            else:
+                denom.clamp_min_(_tiny(denom.dtype))
+            return Flat(torch.div(mb, denom).div_(1.0 - b1**t), m["m"].layout)  # type: ignore[attr-defined]
         names = list(m["m"])
         ms = [m["m"][n] for n in names]
         vs = [m["v"][n] for n in names]
-        b1, b2 = self.beta1, self.beta2
         bc1 = ctx.scalars(names, lambda t: 1.0 - b1**t)
         bc2_sqrt = ctx.scalars(names, lambda t: math.sqrt(1.0 - b2**t))
         denom = torch._foreach_sqrt(vs)
@@ -248,6 +261,10 @@ class ScaleByRMS(Atom):
 
     def apply(self, x: Tree | None, m: Mapping[str, Tree], ctx: Ctx) -> Tree:
         assert x is not None
+        if flat(x, m["v"]):
+            denom = m["v"].buf.sqrt()  # type: ignore[attr-defined]
+            denom = denom.add_(self.eps) if self.eps else denom.clamp_min_(_tiny(denom.dtype))
+            return Flat(torch.div(x.buf, denom), x.layout)  # type: ignore[attr-defined]
         names = list(x)
         denom = torch._foreach_sqrt([m["v"][n] for n in names])
         if self.eps:
@@ -329,8 +346,10 @@ class LionMomentum(Atom):
         # c_t = β1 m_{t−1} + (1−β1) x_t = a·m_t + (1−a)·x_t with a = β1/β2 (exact algebra; the EMA of
         # x at β2 is then an ordinary shared state and no m_{t−1} copy is kept)
         assert x is not None
-        names = list(x)
         a = self.beta1 / self.beta2
+        if flat(x, m["m"]):
+            return Flat(torch.lerp(x.buf, m["m"].buf, a), x.layout)  # type: ignore[attr-defined]
+        names = list(x)
         return dict(zip(names, torch._foreach_lerp([x[n] for n in names], [m["m"][n] for n in names], a)))
 
 
@@ -340,6 +359,8 @@ class Sign(Atom):
 
     def apply(self, x: Tree | None, m: Mapping[str, Tree], ctx: Ctx) -> Tree:
         assert x is not None
+        if isinstance(x, Flat):
+            return Flat(torch.sign(x.buf), x.layout)
         names = list(x)
         return dict(zip(names, torch._foreach_sign([x[n] for n in names])))
 
@@ -351,6 +372,9 @@ class Normalize(Atom):
 
     def apply(self, x: Tree | None, m: Mapping[str, Tree], ctx: Ctx) -> Tree:
         assert x is not None
+        if isinstance(x, Flat) and not self.per_tensor:
+            total = float(torch.linalg.vector_norm(x.buf))
+            return Flat(x.buf * (1.0 / total if total > 0 else 0.0), x.layout)
         names = list(x)
         xs = [x[n] for n in names]
         norms = _norms(xs)
@@ -384,6 +408,9 @@ class ClipTop(Atom):
     def apply(self, x: Tree | None, m: Mapping[str, Tree], ctx: Ctx) -> Tree:
         assert x is not None
         taus = _thresholds(x, self.clip, self.per_tensor, ctx.cache)
+        if isinstance(x, Flat) and not self.per_tensor:
+            tau = next(iter(taus.values()))
+            return Flat(x.buf.clamp(-tau, tau), x.layout) if math.isfinite(tau) else x
         return {n: (v.clamp(-taus[n], taus[n]) if math.isfinite(taus[n]) else v) for n, v in x.items()}
 
 
@@ -394,6 +421,8 @@ class ClipValue(Atom):
 
     def apply(self, x: Tree | None, m: Mapping[str, Tree], ctx: Ctx) -> Tree:
         assert x is not None
+        if isinstance(x, Flat):
+            return Flat(x.buf.clamp(-self.alpha, self.alpha), x.layout)
         return {n: v.clamp(-self.alpha, self.alpha) for n, v in x.items()}
 
 
@@ -405,6 +434,9 @@ class ClipNorm(Atom):
 
     def apply(self, x: Tree | None, m: Mapping[str, Tree], ctx: Ctx) -> Tree:
         assert x is not None
+        if isinstance(x, Flat) and not self.per_tensor:
+            total = float(torch.linalg.vector_norm(x.buf))
+            return Flat(x.buf * (min(1.0, self.alpha / total) if total > 0 else 1.0), x.layout)
         names = list(x)
         xs = [x[n] for n in names]
         norms = _norms(xs)

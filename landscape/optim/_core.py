@@ -51,6 +51,95 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------------------------------
+# flat storage: one contiguous buffer per tree, leaves are views
+# --------------------------------------------------------------------------------------------------
+
+
+class Layout:
+    """Names, shapes and offsets of the leaves of a tree packed into one 1-D buffer. Trees with the
+    same ``Layout`` object can be combined with one kernel per op instead of one per leaf."""
+
+    def __init__(self, like: Mapping[str, Tensor]) -> None:
+        self.names = list(like)
+        self.shapes = [like[n].shape for n in self.names]
+        self.numels = [like[n].numel() for n in self.names]
+        self.offsets = [0]
+        for k in self.numels:
+            self.offsets.append(self.offsets[-1] + k)
+        self.total = self.offsets[-1]
+        first = like[self.names[0]]
+        self.device = first.device
+        self.dtype = compute_dtype(first.dtype)
+
+    @staticmethod
+    def of(like: Mapping[str, Tensor]) -> Layout | None:
+        """A layout for ``like``, or ``None`` when its leaves live on several devices or compute in
+        several dtypes (then trees stay per-leaf)."""
+        if not like:
+            return None
+        first = next(iter(like.values()))
+        dev, dt = first.device, compute_dtype(first.dtype)
+        if any(v.device != dev or compute_dtype(v.dtype) != dt for v in like.values()):
+            return None
+        return Layout(like)
+
+    def views(self, buf: Tensor) -> dict[str, Tensor]:
+        return {
+            n: buf[o : o + k].view(shape)
+            for n, o, k, shape in zip(self.names, self.offsets, self.numels, self.shapes)
+        }
+
+    def pack(self, tree: Mapping[str, Tensor], dtype: torch.dtype | None = None, out: Tensor | None = None) -> Flat:
+        """Copy ``tree`` (keyed by this layout's names) into one buffer (``out`` if given)."""
+        dtype = dtype or self.dtype
+        leaves = [tree[n].reshape(-1) for n in self.names]
+        leaves = [v if v.dtype == dtype else v.to(dtype) for v in leaves]
+        if out is not None:
+            torch.cat(leaves, out=out)
+            return Flat(out, self)
+        return Flat(torch.cat(leaves), self)
+
+    def zeros(self, dtype: torch.dtype | None = None) -> Flat:
+        return Flat(torch.zeros(self.total, dtype=dtype or self.dtype, device=self.device), self)
+
+
+class Flat(Mapping):
+    """A tree whose leaves are views of one buffer ``buf`` laid out by ``layout``. It reads as an
+    ordinary ``Mapping[str, Tensor]`` (views made on first access); atoms that see :class:`Flat`
+    inputs of one layout run a single kernel on ``buf``."""
+
+    __slots__ = ("buf", "layout", "_views")
+
+    def __init__(self, buf: Tensor, layout: Layout) -> None:
+        self.buf = buf
+        self.layout = layout
+        self._views: dict[str, Tensor] | None = None
+
+    def _all(self) -> dict[str, Tensor]:
+        if self._views is None:
+            self._views = self.layout.views(self.buf)
+        return self._views
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self._all()[key]
+
+    def __iter__(self):
+        return iter(self.layout.names)
+
+    def __len__(self) -> int:
+        return len(self.layout.names)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._all()
+
+
+def flat(*trees: Any) -> bool:
+    """Whether all ``trees`` are :class:`Flat` with the same layout."""
+    first = trees[0]
+    return isinstance(first, Flat) and all(isinstance(t, Flat) and t.layout is first.layout for t in trees[1:])
+
+
+# --------------------------------------------------------------------------------------------------
 # context of one evaluation
 # --------------------------------------------------------------------------------------------------
 
@@ -120,7 +209,11 @@ class MomentKind:
         parameter's own shape under the parameter's name."""
         return {name: shape}
 
-    def init(self, like: Mapping[str, Tensor], dtype: torch.dtype | None = None) -> Tree:
+    flat_ok: ClassVar[bool] = True  # one leaf per parameter, same shape: can live in a Flat buffer
+
+    def init(self, like: Mapping[str, Tensor], dtype: torch.dtype | None = None, layout: Layout | None = None) -> Tree:
+        if layout is not None and self.flat_ok:
+            return layout.zeros(dtype)
         out: Tree = {}
         for name, t in like.items():
             for key, shape in self.leaf_shapes(name, t.shape).items():
@@ -139,6 +232,9 @@ class EMA(MomentKind):
     kind: ClassVar[str] = "ema"
 
     def update_(self, state: Tree, x: Mapping[str, Tensor], ctx: Ctx) -> None:
+        if flat(state, x):
+            state.buf.lerp_(x.buf, 1.0 - self.beta)  # type: ignore[attr-defined]
+            return
         names = list(x)
         torch._foreach_lerp_([state[n] for n in names], [x[n] for n in names], 1.0 - self.beta)
 
@@ -151,6 +247,9 @@ class EMASquare(MomentKind):
     kind: ClassVar[str] = "ema_sq"
 
     def update_(self, state: Tree, x: Mapping[str, Tensor], ctx: Ctx) -> None:
+        if flat(state, x):
+            state.buf.mul_(self.beta).addcmul_(x.buf, x.buf, value=1.0 - self.beta)  # type: ignore[attr-defined]
+            return
         names = list(x)
         s = [state[n] for n in names]
         xs = [x[n] for n in names]
@@ -171,6 +270,7 @@ class FactoredSquare(MomentKind):
     decay_rate: float
     eps1: float
     kind: ClassVar[str] = "factored_sq"
+    flat_ok: ClassVar[bool] = False
 
     def leaf_shapes(self, name: str, shape: torch.Size) -> dict[str, torch.Size]:
         if len(shape) >= 2:
@@ -181,16 +281,36 @@ class FactoredSquare(MomentKind):
         return 1.0 - float(t) ** self.decay_rate
 
     def update_(self, state: Tree, x: Mapping[str, Tensor], ctx: Ctx) -> None:
-        for name, g in x.items():
-            w = float(ctx.step_of(name)) ** self.decay_rate  # 1 − β̂_t
-            sq = g * g
+        if isinstance(x, Flat):  # square the whole buffer at once, then reduce per tensor
+            sq_buf = x.buf * x.buf
             if self.eps1:
-                sq.add_(self.eps1)
+                sq_buf.add_(self.eps1)
+            squares: Mapping[str, Tensor] = x.layout.views(sq_buf)
+        else:
+            names = list(x)
+            sq_list = torch._foreach_mul([x[n] for n in names], [x[n] for n in names])
+            if self.eps1:
+                torch._foreach_add_(sq_list, self.eps1)
+            squares = dict(zip(names, sq_list))
+        dsts: list[Tensor] = []
+        srcs: list[Tensor] = []
+        weights: list[float] = []
+        for name, g in x.items():
+            sq = squares[name]
+            w = float(ctx.step_of(name)) ** self.decay_rate  # 1 − β̂_t
             if g.dim() >= 2:
-                state[f"{name}::row"].lerp_(sq.sum(dim=-1, keepdim=True), w)
-                state[f"{name}::col"].lerp_(sq.sum(dim=-2, keepdim=True), w)
+                dsts += [state[f"{name}::row"], state[f"{name}::col"]]
+                srcs += [sq.sum(dim=-1, keepdim=True), sq.sum(dim=-2, keepdim=True)]
+                weights += [w, w]
             else:
-                state[name].lerp_(sq, w)
+                dsts.append(state[name])
+                srcs.append(sq)
+                weights.append(w)
+        if len(set(weights)) == 1:
+            torch._foreach_lerp_(dsts, srcs, weights[0])
+        else:
+            for d, s_, w in zip(dsts, srcs, weights):
+                d.lerp_(s_, w)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,8 +393,10 @@ class Program:
     def raw_readers(self) -> list[str]:
         return [n for n, k in self.outputs.items() if self._reads_raw(k)]
 
-    def init(self, like: Mapping[str, Tensor], dtype: torch.dtype | None = None) -> dict[str, Tree]:
-        return {mkey: kind.init(like, dtype) for mkey, (kind, _) in self.moments.items()}
+    def init(
+        self, like: Mapping[str, Tensor], dtype: torch.dtype | None = None, layout: Layout | None = None
+    ) -> dict[str, Tree]:
+        return {mkey: kind.init(like, dtype, layout) for mkey, (kind, _) in self.moments.items()}
 
 
 class Evaluation:
@@ -308,7 +430,7 @@ class Evaluation:
         self.store = store
         self.memo: dict[str, Tree] = {}
         if raw is not None:
-            self.memo[RAW] = dict(raw)
+            self.memo[RAW] = raw if isinstance(raw, Flat) else dict(raw)
         self.done: set[str] = set()
 
     # streams -------------------------------------------------------------------------------------
@@ -330,6 +452,9 @@ class Evaluation:
 
     def _read(self, mkey: str) -> Tree:
         state = self.moments[mkey]
+        if isinstance(state, Flat):
+            cdt = compute_dtype(state.buf.dtype)
+            return state if state.buf.dtype == cdt else Flat(state.buf.to(cdt), state.layout)
         out: Tree = {}
         for k, v in state.items():
             cdt = compute_dtype(v.dtype)
@@ -343,12 +468,19 @@ class Evaluation:
         kind, src = self.program.moments[mkey]
         x = self.stream(src)
         state = self.moments[mkey]
-        if all(v.dtype == compute_dtype(v.dtype) for v in state.values()):
+        store = self.store or (lambda dst, src_: dst.copy_(src_))
+        if isinstance(state, Flat):
+            if state.buf.dtype == compute_dtype(state.buf.dtype):
+                kind.update_(state, x, self.ctx)
+            else:  # reduced-precision storage: compute in float32, store back once
+                work = Flat(state.buf.to(compute_dtype(state.buf.dtype)), state.layout)
+                kind.update_(work, x, self.ctx)
+                store(state.buf, work.buf)
+        elif all(v.dtype == compute_dtype(v.dtype) for v in state.values()):
             kind.update_(state, x, self.ctx)
         else:
             work = {k: v.to(compute_dtype(v.dtype)) for k, v in state.items()}
             kind.update_(work, x, self.ctx)
-            store = self.store or (lambda dst, src_: dst.copy_(src_))
             for k, v in work.items():
                 store(state[k], v)
         self.done.add(mkey)
@@ -475,17 +607,25 @@ def chain(*links: Transform | Atom) -> Transform:
 # --------------------------------------------------------------------------------------------------
 
 
-def stochastic_round_to_bf16_(dst: Tensor, src: Tensor, generator: torch.Generator | None) -> None:
+def stochastic_round_to_bf16_(
+    dst: Tensor, src: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None
+) -> None:
     """Write float32 ``src`` into bfloat16 ``dst`` with unbiased stochastic rounding: add uniform
     random bits below bfloat16's last mantissa bit, then truncate (exact conversion afterwards).
 
     Round-to-nearest would freeze an EMA stored in bfloat16 whose per-step change is below half an ulp
     (β₂ = 0.999 moves v by 0.1% per step, bfloat16 resolves 0.4%), so the stored v would never
     decay; stochastic rounding keeps it unbiased.
+
+    ``noise`` (int32 uniform in [0, 2¹⁶), at least ``src.numel()`` of them) may be given to share one
+    draw between several buffers of one step: each buffer's rounding stays unbiased.
     """
     src = src.to(torch.float32).contiguous()
     bits = src.view(torch.int32)
-    noise = torch.randint(0, 1 << 16, src.shape, dtype=torch.int32, device=src.device, generator=generator)
+    if noise is None:
+        noise = torch.randint(0, 1 << 16, src.shape, dtype=torch.int32, device=src.device, generator=generator)
+    else:
+        noise = noise.reshape(-1)[: src.numel()].view(src.shape)
     rounded = (bits + noise).bitwise_and_(-65536).view(torch.float32)
     dst.copy_(rounded)
 

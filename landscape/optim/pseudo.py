@@ -13,6 +13,8 @@ from landscape.optim._core import (
     RAW,
     Ctx,
     Evaluation,
+    Flat,
+    Layout,
     Program,
     Transform,
     Tree,
@@ -123,12 +125,18 @@ class PseudoUpdates:
         shared = {n: tx.atoms for n, tx in self._txs.items() if tx.atoms is not None}
         self._opaque = {n: tx for n, tx in self._txs.items() if tx.atoms is None}
         self._program = Program(shared)  # type: ignore[arg-type]
-        self._moments = self._program.init(self._params, state_dtype)  # default: float32 or float64
+        # one contiguous buffer per state when all parameters share a device and compute dtype
+        self._layout = Layout.of(self._params)
+        self._moments = self._program.init(self._params, state_dtype, self._layout)  # default: float32/64
         self._last_grad: Tree | None = None
         if self._program.keeps_raw:
-            self._last_grad = {
-                n: torch.zeros_like(p, dtype=state_dtype or compute_dtype(p.dtype)) for n, p in self._params.items()
-            }
+            if self._layout is not None:
+                self._last_grad = self._layout.zeros(state_dtype)
+            else:
+                self._last_grad = {
+                    n: torch.zeros_like(p, dtype=state_dtype or compute_dtype(p.dtype)) for n, p in self._params.items()
+                }
+        self._noise: Tensor | None = None
         self._opaque_state = {n: tx.init(self._params) for n, tx in self._opaque.items()}
         self._opaque_last: dict[str, Tree | None] = dict.fromkeys(self._opaque)
         self._step = 0
@@ -194,7 +202,13 @@ class PseudoUpdates:
 
     def _store(self, dst: Tensor, src: Tensor) -> None:
         if dst.dtype == torch.bfloat16 and self.rounding == "stochastic":
-            stochastic_round_to_bf16_(dst, src, self._generator(dst.device))
+            # one draw per observe, shared by every state (each stays unbiased; fresh draws over time)
+            if self._noise is None or self._noise.numel() < dst.numel() or self._noise.device != dst.device:
+                n = max(dst.numel(), self._layout.total if self._layout is not None else 0)
+                self._noise = torch.randint(
+                    0, 1 << 16, (n,), dtype=torch.int32, device=dst.device, generator=self._generator(dst.device)
+                )
+            stochastic_round_to_bf16_(dst, src, noise=self._noise)
         else:
             dst.copy_(src)
 
@@ -216,8 +230,17 @@ class PseudoUpdates:
                 raise TypeError(f"the gradient of {n!r} is a {type(g).__name__}, not a Tensor")
             if g.shape != p.shape:
                 raise ValueError(f"the gradient of {n!r} has shape {tuple(g.shape)}, the parameter {tuple(p.shape)}")
-        if not is_finite_all([grads[n] for n in self._params]):
-            bad = [n for n in self._params if not bool(torch.isfinite(grads[n]).all())]
+
+    def _check_finite(self, grads: Mapping[str, Tensor], packed: Tensor | None = None) -> None:
+        """Raise if any gradient holds a NaN or an infinity. With the packed buffer, one ``sum`` decides
+        (NaN and ±inf propagate into it); only a non-finite sum, NaN/inf or a mere overflow of finite
+        values, pays for the per-tensor check that names the culprits."""
+        if packed is not None and bool(torch.isfinite(packed.sum())):
+            return
+        if packed is None and is_finite_all([grads[n] for n in self._params]):
+            return
+        bad = [n for n in self._params if not bool(torch.isfinite(grads[n]).all())]
+        if bad:
             raise ValueError(
                 f"non-finite gradients (NaN or inf) in {bad}; nothing was updated. Skip this step "
                 f"(as a GradScaler would) or fix the loss."
@@ -235,17 +258,30 @@ class PseudoUpdates:
             a NaN/inf anywhere (then no state changes).
         """
         self._check_grads(grads)
-        raw = {n: grads[n].detach().to(compute_dtype(grads[n].dtype)) for n in self._params}
         t = self._step + 1
+        raw: Tree
+        if self._layout is not None:  # one copy of g into a contiguous buffer; every op then runs on it
+            raw = self._layout.pack({n: grads[n].detach() for n in self._params})
+            self._check_finite(grads, raw.buf)  # type: ignore[attr-defined]
+        else:
+            self._check_finite(grads)
+            raw = {n: grads[n].detach().to(compute_dtype(grads[n].dtype)) for n in self._params}
         # opaque (user) transforms first: they are pure, so a failure there changes nothing
         new_opaque = {}
         for name, tx in self._opaque.items():
-            u, s = tx.update(raw, self._opaque_state[name], self._params)
+            u, s = tx.update(dict(raw.items()), self._opaque_state[name], self._params)
             new_opaque[name] = (dict(u), s)
+        self._noise = None
         ev = Evaluation(self._program, self._moments, raw, Ctx(step=t, params=self._params), update=True, store=self._store)
         ev.update_all()
-        if self._last_grad is not None:
-            for n, v in self._last_grad.items():
+        self._noise = None
+        lg = self._last_grad
+        if isinstance(lg, Flat) and lg.buf.dtype == raw.buf.dtype:  # type: ignore[attr-defined]
+            self._last_grad = raw  # the packed buffer becomes the kept gradient: no copy
+        elif isinstance(lg, Flat):
+            lg.buf.copy_(raw.buf)  # type: ignore[attr-defined]
+        elif lg is not None:
+            for n, v in lg.items():
                 v.copy_(raw[n])
         for name, (u, s) in new_opaque.items():
             self._opaque_state[name] = s
@@ -269,9 +305,13 @@ class PseudoUpdates:
         unknown = [n for n in wanted if n not in self._txs]
         if unknown:
             raise KeyError(f"unknown recipes {unknown}; this PseudoUpdates has {self.names}")
-        raw = None
-        if self._last_grad is not None:
-            raw = {n: v.to(compute_dtype(v.dtype)) for n, v in self._last_grad.items()}
+        raw: Tree | None = None
+        lg = self._last_grad
+        if isinstance(lg, Flat):
+            cdt = compute_dtype(lg.buf.dtype)
+            raw = lg if lg.buf.dtype == cdt else Flat(lg.buf.to(cdt), lg.layout)
+        elif lg is not None:
+            raw = {n: v.to(compute_dtype(v.dtype)) for n, v in lg.items()}
         ev = Evaluation(self._program, self._moments, raw, Ctx(step=self._step, params=self._params), update=False)
         protected = {v.data_ptr() for t in self._moments.values() for v in t.values()}
         if raw is not None:

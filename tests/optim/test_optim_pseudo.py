@@ -104,6 +104,8 @@ def test_state_bytes_is_the_sum_over_distinct_states():
     # the memory is really allocated once: distinct storage for every state leaf
     ptrs = [v.data_ptr() for t in pu._moments.values() for v in t.values()]
     assert len(set(ptrs)) == len(ptrs)
+    pu.observe(grads(1))
+    assert pu.state_bytes() == expected  # the kept gradient is swapped, not accumulated
 
 
 def test_subset_keeps_only_what_it_needs():
@@ -134,7 +136,7 @@ def test_directions_before_observe_raise():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_gradients_refused_and_nothing_changes(bad):
-    pu = lo.PseudoUpdates(make_params())
+    pu = lo.PseudoUpdates(make_params())  # the default set: the kept last gradient must survive too
     pu.observe(grads(1))
     before = copy.deepcopy(pu.state_dict())
     dirs_before = pu.directions()
@@ -145,12 +147,22 @@ def test_non_finite_gradients_refused_and_nothing_changes(bad):
         pu.observe(g)
     assert pu.step == 1
     after = pu.state_dict()
+    for n, v in before["g"].items():
+        assert torch.equal(after["g"][n], v), n
     for k, tree in before["moments"].items():
         for n, v in tree.items():
             assert torch.equal(after["moments"][k][n], v), (k, n)
     for k, tree in pu.directions().items():
         for n, v in tree.items():
             assert torch.equal(v, dirs_before[k][n])
+
+
+def test_huge_finite_gradients_are_not_refused():
+    """The fast finiteness check is a sum over the packed gradient; a sum that merely overflows is
+    re-checked tensor by tensor and accepted."""
+    pu = lo.PseudoUpdates({"a": torch.zeros(4), "b": torch.zeros(4)}, ["sgd"])
+    pu.observe({"a": torch.full((4,), 3e38), "b": torch.full((4,), 3e38)})
+    assert pu.step == 1
 
 
 def test_missing_extra_and_misshapen_gradients():

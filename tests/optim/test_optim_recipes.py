@@ -98,8 +98,15 @@ def test_transform_matches_seed_formula(name, overridden):
         assert all(torch.equal(g[k], g_before[k]) for k in g), "update() modified the gradients"
 
 
-def test_all_recipes_together_match_seed_formulas():
-    """The shared states of PseudoUpdates give every recipe exactly its own formula."""
+@pytest.mark.parametrize("storage", ["flat", "per_tensor"])
+def test_all_recipes_together_match_seed_formulas(storage, monkeypatch):
+    """The shared states of PseudoUpdates give every recipe exactly its own formula, both with one
+    contiguous buffer per state (parameters on one device and dtype) and with per-tensor storage
+    (the fallback for mixed devices/dtypes)."""
+    if storage == "per_tensor":
+        import landscape.optim.pseudo as pseudo
+
+        monkeypatch.setattr(pseudo.Layout, "of", staticmethod(lambda like: None))
     params = {n: torch.zeros(s, dtype=torch.float64) for n, s in SHAPES.items()}
     pu = lo.PseudoUpdates(params)
     refs = {n: make_reference(n) for n in NAMES}
