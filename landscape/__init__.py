@@ -40,6 +40,8 @@ from landscape.smoothness import (
     local_smoothness,
     robust_smoothness,
 )
+from landscape import optim
+from landscape.optim import PseudoUpdates
 
 __all__ = [
     "__version__",
@@ -67,6 +69,9 @@ __all__ = [
     "fit_per_layer",
     "robust_smoothness",
     "RobustSmoothness",
+    # optimizers as transforms, pseudo-updates
+    "optim",
+    "PseudoUpdates",
     # helpers
     "tree",
 ]

@@ -608,7 +608,12 @@ def chain(*links: Transform | Atom) -> Transform:
 
 
 def stochastic_round_to_bf16_(
-    dst: Tensor, src: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None
+    dst: Tensor,
+    src: Tensor,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+    *,
+    consume: bool = False,
 ) -> None:
     """Write float32 ``src`` into bfloat16 ``dst`` with unbiased stochastic rounding: add uniform
     random bits below bfloat16's last mantissa bit, then truncate (exact conversion afterwards).
@@ -618,16 +623,18 @@ def stochastic_round_to_bf16_(
     decay; stochastic rounding keeps it unbiased.
 
     ``noise`` (int32 uniform in [0, 2¹⁶), at least ``src.numel()`` of them) may be given to share one
-    draw between several buffers of one step: each buffer's rounding stays unbiased.
+    draw between several buffers of one step: each buffer's rounding stays unbiased. ``consume=True``
+    lets the function overwrite ``src`` (a temporary) instead of allocating.
     """
+    owned = consume and src.dtype == torch.float32 and src.is_contiguous()
     src = src.to(torch.float32).contiguous()
     bits = src.view(torch.int32)
     if noise is None:
         noise = torch.randint(0, 1 << 16, src.shape, dtype=torch.int32, device=src.device, generator=generator)
     else:
         noise = noise.reshape(-1)[: src.numel()].view(src.shape)
-    rounded = (bits + noise).bitwise_and_(-65536).view(torch.float32)
-    dst.copy_(rounded)
+    rounded = bits.add_(noise) if owned else bits + noise  # ``consume``: src is a temporary, reuse it
+    dst.copy_(rounded.bitwise_and_(-65536).view(torch.float32))
 
 
 def is_finite_all(tensors: Sequence[Tensor]) -> bool:

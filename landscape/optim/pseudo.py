@@ -201,6 +201,7 @@ class PseudoUpdates:
         return gen
 
     def _store(self, dst: Tensor, src: Tensor) -> None:
+        """Write an updated float32 state (a temporary, which may be overwritten) into its storage."""
         if dst.dtype == torch.bfloat16 and self.rounding == "stochastic":
             # one draw per observe, shared by every state (each stays unbiased; fresh draws over time)
             if self._noise is None or self._noise.numel() < dst.numel() or self._noise.device != dst.device:
@@ -208,7 +209,7 @@ class PseudoUpdates:
                 self._noise = torch.randint(
                     0, 1 << 16, (n,), dtype=torch.int32, device=dst.device, generator=self._generator(dst.device)
                 )
-            stochastic_round_to_bf16_(dst, src, noise=self._noise)
+            stochastic_round_to_bf16_(dst, src, noise=self._noise, consume=True)
         else:
             dst.copy_(src)
 
