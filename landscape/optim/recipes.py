@@ -5,6 +5,24 @@ set, the tests and ``landscape recipes``. Hyperparameters carry the seeds' names
 ``beta1``/``beta2``/``eps`` (Adam, Lion, Generalized SignSGD), ``clip`` (fraction of coordinates
 clipped), ``per_tensor`` (scope of the clipping or normalisation), ``alpha`` (value/norm-clipping
 threshold), and Adafactor's ``decay_rate``, ``eps1``, ``eps2``, ``d``, ``relative_step``.
+
+Where the seeds leave room, the choices made here:
+
+* Adam is Kingma & Ba's bias-corrected rule with ε outside the root (``torch.optim.Adam``'s), not
+  Algorithm 6's shorthand ``m/√(v+ε)``; seed 000's identity needs the bias correction.
+* Numerator-only clipping (``adam_clip``, ``adafactor_clip``) follows App. B.2's text: the second
+  moment sees the raw gradient (Algorithm 6's box writes ĝ² there).
+* Adafactor has no first moment (Algorithms 7-8 have none) and, by default, a fixed learning rate in
+  place of α_t (App. B.2 allows both); ``relative_step=True`` folds ``max(ε₂, RMS(x))·min(10⁻², 1/√t)``
+  into the direction, which is exactly ``torch.optim.Adafactor(lr=1e-2)`` up to where ε₁ enters.
+* ``gensignsgd``: seed 001 tunes β2 by grid search and states no default; 0.5 satisfies Theorem 1's
+  ``√β2 < β1`` with margin. ε = 0 as in Algorithm 1 (0/0 := 0).
+* ``adam_valueclip``/``adam_normclip``: seed 000 takes α → 0; the defaults (1e-6 per coordinate, 1e-3
+  for the whole-model norm) clip essentially every coordinate / every step of a typical network.
+  When all coordinates are clipped, v̂ = α² exactly, so ε only rescales the direction.
+* ``lion_clip_update`` clips the interpolation ``β1 m + (1−β1) g`` in place of taking its sign.
+* Clipping and normalisation act over all coordinates of the model unless ``per_tensor=True``;
+  ``normsgd`` is per tensor by definition (Algorithm 4).
 """
 
 from __future__ import annotations
