@@ -170,7 +170,7 @@ class DemoOptimizer(str, Enum):
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", file_okay=False, help="Run folder (resumed if it exists with the same settings).")] = Path("runs/demo"),
     steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps.")] = 300,
-    every: Annotated[int, typer.Option("--every", min=1, help="Measure every this many steps (and the first).")] = 50,
+    every: Annotated[int, typer.Option("--every", min=1, help="Measure every this many steps (and the first).")] = 60,
     optimizer: Annotated[DemoOptimizer, typer.Option("--optimizer", help="The optimizer that trains the model.")] = DemoOptimizer.adam,
     seed: Annotated[int, typer.Option("--seed", help="Seeds the model, the batches and the probe batch.")] = 0,
     fmt: Annotated[FigureFormat, typer.Option("--format", "-f", help="Figure format.")] = "png",
@@ -221,6 +221,104 @@ def recipes() -> None:
     from landscape.optim import format_recipes
 
     typer.echo(format_recipes())
+
+
+class CheckpointOrder(str, Enum):
+    step = "step"
+    name = "name"
+    mtime = "mtime"
+
+
+class MeasureMode(str, Enum):
+    eval = "eval"
+    train = "train"
+
+
+def _recipe_enum() -> type[Enum]:
+    from landscape.optim import recipe_names
+
+    return Enum("RecipeName", {n: n for n in recipe_names()}, type=str)
+
+
+RecipeName = _recipe_enum()
+
+
+@app.command()
+def analyze(
+    checkpoints: Annotated[list[str], typer.Argument(
+        show_default=False, metavar="CHECKPOINT",
+        help="Checkpoint files, folders or quoted glob patterns: .pt/.pth/.bin (a state_dict, or a dict holding "
+             "one under 'model' or 'state_dict'), Lightning .ckpt, .safetensors, Hugging Face save_pretrained "
+             "folders.")],
+    spec: Annotated[str, typer.Option(
+        "--spec", show_default=False,
+        help="package.module:function (or path/to/file.py:function) returning (model, loss_fn, probe_batch"
+             "[, train_batches]) or a dict with those keys. The current folder is importable.")],
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", file_okay=False, show_default=False,
+        help="Run folder to write (resumed when it exists with the same settings).")],
+    every: Annotated[int, typer.Option(
+        "--every", min=1, help="Measure every this many checkpoints (the first included); all feed the recipes.")] = 1,
+    order: Annotated[CheckpointOrder, typer.Option(
+        "--order", help="step: by the step in the metadata or file name; name: natural name order; "
+                        "mtime: oldest first.")] = CheckpointOrder.step,
+    recipe: Annotated[list[RecipeName] | None, typer.Option(
+        "--recipe", "-r", show_default=False,
+        help="Pseudo-update recipe to measure (repeat for several). [default: all]")] = None,
+    grad_batches: Annotated[int, typer.Option(
+        "--grad-batches", min=1,
+        help="Training batches averaged into each checkpoint's gradient (taken in order from the spec's "
+             "train_batches; without them the probe batch is used).")] = 1,
+    mode: Annotated[MeasureMode, typer.Option(
+        "--mode", help="Module mode for the measurements and the gradients.")] = MeasureMode.eval,
+    trust_checkpoints: Annotated[bool, typer.Option(
+        "--trust-checkpoints",
+        help="Allow full pickles (torch.load weights_only=False), which can run code: only for files you "
+             "trust. By default a pickle that would import anything but tensors is refused unread.")] = False,
+) -> None:
+    """Measure saved checkpoints as the probe measures a live run.
+
+    For each checkpoint in order, its gradient feeds the pseudo-update
+    recipes; every --every checkpoint is measured on the spec's probe batch
+    (sharpness and loss line of every recipe's direction and of the step to
+    the next checkpoint, histograms, cosines, smoothness along that step)
+    into OUT, readable by `landscape plot` and `landscape report`. Momenta
+    built from sparse checkpoints approximate the per-step ones (see
+    docs/analyze.md). Re-running the same command resumes: measured
+    checkpoints are skipped. Shows a progress bar on stderr.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from landscape.analyze import SpecError
+    from landscape.analyze import analyze as run_analyze
+    from landscape.checkpoints import CheckpointError
+
+    console = Console(stderr=True)  # stdout keeps the one-line summary; no bar when not a terminal
+    bar = Progress(TextColumn("[bold]analyze"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                   TimeElapsedColumn(), console=console, disable=not console.is_terminal)
+    task = bar.add_task("", total=None)
+
+    def progress(done: int, total: int, what: str) -> None:
+        if not bar.live.is_started:  # started at the first checkpoint: input errors come before any bar
+            bar.start()
+        bar.update(task, completed=done, total=total, description=what)
+
+    try:
+        result = run_analyze(
+            spec, checkpoints, out, every=every, order=CheckpointOrder(order).value,
+            recipes=[RecipeName(r).value for r in recipe] if recipe else None,
+            mode=MeasureMode(mode).value, grad_batches=grad_batches, trust=trust_checkpoints, progress=progress,
+        )
+    except (SpecError, CheckpointError) as e:
+        raise CLIError(str(e)) from None
+    finally:
+        bar.stop()
+    steps = [s for s, _ in result.checkpoints]
+    typer.echo(f"{len(steps)} checkpoint(s), steps {steps[0]}..{steps[-1]}; measured {len(result.measured)}"
+               + (f", {len(result.already)} already measured" if result.already else "")
+               + (f", {len(result.failed)} failed (see the run's events)" if result.failed else "")
+               + f": {out}")
 
 
 def main() -> None:

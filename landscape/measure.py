@@ -52,9 +52,9 @@ class MeasureSettings:
     shift: str = "negative"
     delta: float = 0.01
     lines: bool = True
-    line_points: int = 12
-    line_min_before: int = 8
-    line_max_points: int = 48
+    line_points: int = 8
+    line_min_before: int = 6
+    line_max_points: int = 28
     hist_bins: int = 60
     cosine: bool = True
     smoothness: bool = True
@@ -76,9 +76,9 @@ def adaptive_line(
     f0: float,
     scale: float,
     *,
-    points: int = 12,
-    min_before: int = 8,
-    max_points: int = 48,
+    points: int = 8,
+    min_before: int = 6,
+    max_points: int = 28,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A grid of ``s ≥ 0`` for ``ℓ(s)`` that extends until the loss rises above ``ℓ(0) = f0`` and
     refines when too few points fall before that.

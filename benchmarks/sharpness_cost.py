@@ -1,0 +1,166 @@
+"""Cost of directional sharpness relative to one forward+backward pass.
+
+Prints, on the demo's causal LM (2 layers, width 128, LayerNorm, attention) at 2,048 tokens of real
+text, ``time(K directions) / (K × time(one forward+backward))`` for the engine's method (one retained
+``create_graph`` gradient + one backward per direction) and for the alternatives, the peak memory of
+each (measured in a fresh subprocess), and the cost of one point of ``loss_along`` relative to one
+forward pass. Ratios are measured in one run; the machine is noisy, so medians of repeats are used.
+
+    python benchmarks/sharpness_cost.py [--directions 16] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import lm_setup, median_time, peak_rss_mib  # noqa: E402
+
+import landscape as ls  # noqa: E402
+from landscape import tree  # noqa: E402
+from landscape.objective import math_attention  # noqa: E402
+
+
+def make(k):
+    model, loss_fn, batch = lm_setup()
+    obj = ls.Objective(model, loss_fn, batch)
+    gen = torch.Generator().manual_seed(0)
+    dirs = {f"d{i}": tree.randn_like(obj.params(), gen) for i in range(k)}
+    return model, loss_fn, batch, obj, dirs
+
+
+def methods(model, loss_fn, batch, obj, dirs):
+    params = dict(model.named_parameters())
+    names = list(obj.names)
+    leaves = [params[n] for n in names]
+    units = [tree.normalize(d)[0] for d in dirs.values()]
+
+    def fwd_bwd():
+        model.zero_grad(set_to_none=True)
+        loss_fn(model, batch).backward()
+        model.zero_grad(set_to_none=True)
+
+    def forward():
+        with torch.no_grad():
+            loss_fn(model, batch)
+
+    def engine():
+        ls.directional_sharpness(obj, dirs, shift="never")
+
+    def fresh_double_backward():
+        with math_attention():
+            for u in units:
+                gs = torch.autograd.grad(loss_fn(model, batch), leaves, create_graph=True)
+                hv = torch.autograd.grad(gs, leaves, grad_outputs=[u[n] for n in names])
+                sum(float((h * u[n]).sum()) for h, n in zip(hv, names))
+
+    def forward_over_reverse():
+        p0 = {n: p.detach() for n, p in params.items()}
+
+        def grad_fn(p):
+            return torch.func.grad(lambda q: loss_fn_call(q))(p)
+
+        def loss_fn_call(q):
+            return torch.func.functional_call(model, {**p0, **q}, (batch[0],)).pipe if False else loss_fn(
+                _Swap(model, {**p0, **q}), batch
+            )
+
+        with math_attention():
+            for u in units:
+                _, hv = torch.func.jvp(grad_fn, ({n: p0[n] for n in names},), ({n: u[n] for n in names},))
+                float(tree.dot(hv, u))
+
+    def batched_backward():
+        with math_attention():
+            gs = torch.autograd.grad(loss_fn(model, batch), leaves, create_graph=True)
+            outs = [torch.stack([u[n] for u in units]) for n in names]
+            hv = torch.autograd.grad(gs, leaves, grad_outputs=outs, is_grads_batched=True)
+            [float(sum((h[i] * u[n]).sum() for h, n in zip(hv, names))) for i, u in enumerate(units)]
+
+    def line_point():
+        obj.losses_along(units[0], [0.1])
+
+    return {
+        "forward+backward": fwd_bwd,
+        "forward": forward,
+        "engine (retained graph)": engine,
+        "fresh double backward": fresh_double_backward,
+        "forward-over-reverse": forward_over_reverse,
+        "is_grads_batched": batched_backward,
+        "loss_along point": line_point,
+    }
+
+
+class _Swap(torch.nn.Module):
+    """Calls ``model`` with swapped parameters through torch.func.functional_call."""
+
+    def __init__(self, model, params):
+        super().__init__()
+        object.__setattr__(self, "_m", model)
+        object.__setattr__(self, "_p", params)
+
+    def __call__(self, *args):
+        return torch.func.functional_call(self._m, self._p, args)
+
+
+def child(name, k, repeats):
+    model, loss_fn, batch, obj, dirs = make(k)
+    fn = methods(model, loss_fn, batch, obj, dirs)[name]
+    base = peak_rss_mib()
+    t = median_time(fn, repeats=repeats)
+    print(json.dumps({"time": t, "peak_mib": peak_rss_mib() - base}))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--directions", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        child(a.child, a.directions, a.repeats)
+        return
+    names = a.only or [
+        "forward+backward",
+        "forward",
+        "engine (retained graph)",
+        "fresh double backward",
+        "forward-over-reverse",
+        "is_grads_batched",
+        "loss_along point",
+    ]
+    res = {}
+    for n in names:
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", n, "--directions", str(a.directions), "--repeats", str(a.repeats)],
+            capture_output=True,
+            text=True,
+        )
+        if out.returncode:
+            res[n] = None
+            print(f"{n}: failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+            continue
+        res[n] = json.loads(out.stdout.strip().splitlines()[-1])
+    k = a.directions
+    fb = res["forward+backward"]
+    print(f"\ncausal LM, 2 layers, width 128, 2,048 tokens; K = {k} directions; medians of {a.repeats}")
+    print(f"{'method':28s} {'time / (K x fwd+bwd)':>22s} {'peak MiB over setup':>20s}")
+    for n in names:
+        r = res.get(n)
+        if r is None or n in ("forward+backward", "forward", "loss_along point"):
+            continue
+        print(f"{n:28s} {r['time'] / (k * fb['time']):22.2f} {r['peak_mib']:20.1f}")
+    print(f"{'(one forward+backward)':28s} {1.0:22.2f} {fb['peak_mib']:20.1f}")
+    if res.get("loss_along point") and res.get("forward"):
+        print(f"\nloss_along, one point / one forward pass: {res['loss_along point']['time'] / res['forward']['time']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
