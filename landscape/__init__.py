@@ -16,7 +16,7 @@ Example:
     True
 """
 
-from landscape import tree
+from landscape import optim, smoothness, tree
 from landscape._version import __version__
 from landscape.curvature import (
     Sharpness,
@@ -27,8 +27,10 @@ from landscape.curvature import (
     loss_along,
     top_eigenvalues,
 )
+from landscape.measure import MeasureSettings, measure_step
 from landscape.objective import DeterminismError, MicroBatches, NonFiniteError, Objective
-from landscape import smoothness
+from landscape.optim import PseudoUpdates
+from landscape.probe import Probe
 from landscape.smoothness import (
     CoordinateSamples,
     L0L1Fit,
@@ -40,8 +42,7 @@ from landscape.smoothness import (
     local_smoothness,
     robust_smoothness,
 )
-from landscape import optim
-from landscape.optim import PseudoUpdates
+from landscape.store import Run, RunMismatchError, RunStore, load_run
 
 __all__ = [
     "__version__",
@@ -72,6 +73,14 @@ __all__ = [
     # optimizers as transforms, pseudo-updates
     "optim",
     "PseudoUpdates",
+    # runs
+    "Probe",
+    "MeasureSettings",
+    "measure_step",
+    "RunStore",
+    "Run",
+    "RunMismatchError",
+    "load_run",
     # helpers
     "tree",
 ]

@@ -19,8 +19,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from landscape import tree
-
 __all__ = ["DeterminismError", "MicroBatches", "NonFiniteError", "Objective", "math_attention"]
 
 LossFn = Callable[[nn.Module, Any], Tensor]

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import landscape as ls
-from landscape import tree
 from landscape.measure import MeasureSettings
 from landscape.models import TinyCausalLM, lm_loss
 from landscape.probe import Probe
