@@ -62,18 +62,15 @@ def methods(model, loss_fn, batch, obj, dirs):
 
     def forward_over_reverse():
         p0 = {n: p.detach() for n, p in params.items()}
+        inputs, targets = batch
 
-        def grad_fn(p):
-            return torch.func.grad(lambda q: loss_fn_call(q))(p)
-
-        def loss_fn_call(q):
-            return torch.func.functional_call(model, {**p0, **q}, (batch[0],)).pipe if False else loss_fn(
-                _Swap(model, {**p0, **q}), batch
-            )
+        def loss(q):
+            logits = torch.func.functional_call(model, {**p0, **q}, (inputs,))
+            return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
         with math_attention():
             for u in units:
-                _, hv = torch.func.jvp(grad_fn, ({n: p0[n] for n in names},), ({n: u[n] for n in names},))
+                _, hv = torch.func.jvp(torch.func.grad(loss), ({n: p0[n] for n in names},), ({n: u[n] for n in names},))
                 float(tree.dot(hv, u))
 
     def batched_backward():
@@ -95,18 +92,6 @@ def methods(model, loss_fn, batch, obj, dirs):
         "is_grads_batched": batched_backward,
         "loss_along point": line_point,
     }
-
-
-class _Swap(torch.nn.Module):
-    """Calls ``model`` with swapped parameters through torch.func.functional_call."""
-
-    def __init__(self, model, params):
-        super().__init__()
-        object.__setattr__(self, "_m", model)
-        object.__setattr__(self, "_p", params)
-
-    def __call__(self, *args):
-        return torch.func.functional_call(self._m, self._p, args)
 
 
 def child(name, k, repeats):
