@@ -151,6 +151,13 @@ def test_pytorch_layouts(tmp_path, layout):
         assert loaded.lr == 0.25 and loaded.hyperparameters["momentum"] == 0.9 and "params" not in loaded.hyperparameters
 
 
+def test_the_legacy_non_zip_format(tmp_path):
+    sd = state(Net())
+    torch.save({"model": sd, "step": 4}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    assert describe_checkpoint(tmp_path / "old.pt").step == 4  # not memory-mappable: read in full
+    assert same(load_checkpoint(tmp_path / "old.pt").state_dict, sd)
+
+
 def test_a_dict_without_a_state_dict_is_named(tmp_path):
     torch.save({"weights": {"a": 1}, "epoch": 3}, tmp_path / "w.pt")
     with pytest.raises(CheckpointError, match=r"holds a dict with keys \['weights', 'epoch'\] but no state_dict"):

@@ -125,7 +125,7 @@ class LandscapeCallback(TrainerCallback):
         source = self.probe_batch if self.probe_batch is not None else self._default_probe_batch(args, kwargs.get("train_dataloader"))
         device = next(model.parameters()).device
         probe_kwargs = dict(self.probe_kwargs)
-        meta = {"integration": "transformers", "model_config": getattr(getattr(model, "config", None), "model_type", None),
+        meta = {"integration": "transformers", "model_type": getattr(getattr(model, "config", None), "model_type", None),
                 **dict(probe_kwargs.pop("meta", None) or {})}
         self.probe = Probe(model, self.loss_fn, copy_batch(source, device), self.out, every=self.every, meta=meta,
                            **probe_kwargs)
