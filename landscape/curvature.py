@@ -5,7 +5,8 @@ Understanding Why Adam Converges Faster Than SGD for Transformers", §3):
 
     S(u) = ûᵀ ∇²f(x) û,    û = u / ‖u‖₂,
 
-computed by Hessian-vector products, never by materialising the Hessian. When ``S(u) < 0`` the seed
+computed without materialising the Hessian: by a second-order Taylor sweep along ``û`` through the
+traced loss (:mod:`landscape.taylor`), or by Hessian-vector products. When ``S(u) < 0`` the seed
 (Appendix B.3, Eq. 4) reports the δ-shifted value ûᵀ ∇²f(x + δû) û with δ = 0.01 instead.
 """
 
@@ -99,12 +100,18 @@ def directional_sharpness(
     at: Point = None,
     shift: str = "negative",
     delta: float = 0.01,
+    method: str = "auto",
 ) -> dict[str, Sharpness]:
     """Directional sharpness ``ûᵀ∇²f(x)û`` of K named directions, measured together.
 
-    All K directions share one gradient with ``create_graph=True`` at ``x``; each then costs one backward
-    pass through the retained graph. A shifted value needs a fresh second-order evaluation at
-    ``x + δû`` (one per shifted direction).
+    Only the scalars ``ûᵀ∇²f(x)û`` and ``∇f(x)ᵀû`` are needed, so by default (``method="auto"``) they
+    come from a second-order Taylor sweep through the traced loss (:mod:`landscape.taylor`): the
+    forward values at ``x`` are computed once and each direction costs about 4/3 of a forward+backward
+    on matmul-heavy models. ``method="hvp"`` uses Hessian-vector products instead (one ``create_graph``
+    gradient, then one double-backward pass per direction through the retained graph, about 2× or
+    more per direction); ``"auto"`` falls back to it when the traced loss uses an operator the sweep
+    has no rule for. Both give the same numbers up to rounding (the tests check both against dense
+    Hessians). A shifted value needs a fresh evaluation at ``x + δû`` (one per shifted direction).
 
     Args:
         objective: the function being measured.
@@ -115,11 +122,12 @@ def directional_sharpness(
         shift: ``"never"``, ``"negative"`` (the seed's rule: use ``ûᵀ∇²f(x+δû)û`` when the plain value
             is negative) or ``"always"`` (compute both, report the shifted one).
         delta: δ of the shift (seed 002, Appendix B.3, Eq. 4: 0.01).
+        method: ``"auto"``, ``"taylor"`` or ``"hvp"`` (see above).
 
     Returns:
         ``{name: Sharpness}`` in the order given.
     """
-    return sharpness_and_gradient(objective, directions, at=at, shift=shift, delta=delta)[0]
+    return _sharpness(objective, directions, at=at, shift=shift, delta=delta, method=method, need_grad=False)[0]
 
 
 def sharpness_and_gradient(
@@ -129,16 +137,36 @@ def sharpness_and_gradient(
     at: Point = None,
     shift: str = "negative",
     delta: float = 0.01,
+    method: str = "auto",
 ) -> tuple[dict[str, Sharpness], float, dict[str, Tensor]]:
-    """:func:`directional_sharpness`, also returning the loss and the gradient at ``at`` that it
-    computed on the way (so a caller needing ``∇f(x)`` does not pay for it twice)."""
+    """:func:`directional_sharpness`, also returning the loss and the gradient at ``at`` (computed on the
+    way by the HVP method, with one forward+backward by the Taylor method)."""
+    out, loss, grad = _sharpness(objective, directions, at=at, shift=shift, delta=delta, method=method, need_grad=True)
+    assert grad is not None
+    return out, loss, grad
+
+
+def _sharpness(
+    objective: Objective,
+    directions: Mapping[str, Mapping[str, Tensor]],
+    *,
+    at: Point,
+    shift: str,
+    delta: float,
+    method: str,
+    need_grad: bool,
+) -> tuple[dict[str, Sharpness], float, dict[str, Tensor] | None]:
     if shift not in SHIFT_POLICIES:
         raise ValueError(f"shift must be one of {SHIFT_POLICIES}, got {shift!r}")
     if not math.isfinite(delta):
         raise ValueError(f"delta must be finite, got {delta}")
+    if method not in ("auto", "taylor", "hvp"):
+        raise ValueError(f"method must be 'auto', 'taylor' or 'hvp', got {method!r}")
     if not directions:
-        loss, grad = objective.loss_and_grad(at)
-        return {}, loss, grad
+        if need_grad:
+            loss, grad = objective.loss_and_grad(at)
+            return {}, loss, grad
+        return {}, objective.loss(at), None
     names = list(directions)
     units: list[dict[str, Tensor]] = []
     norms: list[float] = []
@@ -147,19 +175,28 @@ def sharpness_and_gradient(
         units.append(uhat)
         norms.append(n)
 
-    def quad(i: int, hv: dict[str, Tensor]) -> float:
-        return float(tree.dot(units[i], hv))
+    grad: dict[str, Tensor] | None = None
+    if method == "hvp" or (method == "auto" and objective.taylor_support(at) is not None):
+        # Double backward computes the gradient anyway: keep it.
+        def quad(i: int, hv: dict[str, Tensor]) -> float:
+            return float(tree.dot(units[i], hv))
 
-    loss, grad, raws = objective.second_order(units, at, reduce=quad)
+        loss, grad, raws = objective.second_order(units, at, reduce=quad)
+        g_corrs = [float(tree.dot(grad, u)) for u in units]
+        used = "hvp"
+    else:
+        loss, g_corrs, raws, used = objective.directional_derivatives(units, at, method=method)
+        if need_grad:
+            grad = objective.grad(at)
     point = objective._point(at)
     out: dict[str, Sharpness] = {}
     for i, name in enumerate(names):
         raw = float(raws[i])
-        g_corr = float(tree.dot(grad, units[i]))
+        g_corr = float(g_corrs[i])
         shifted_value = None
         if shift == "always" or (shift == "negative" and raw < 0):
             shifted_at = tree.axpy(delta, {n: units[i][n].to(point[n].dtype) for n in objective.names}, point)
-            _, _, (shifted_value,) = objective.second_order([units[i]], shifted_at, reduce=quad)
+            _, _, (shifted_value,), _ = objective.directional_derivatives([units[i]], shifted_at, method=used)
             shifted_value = float(shifted_value)
         use_shift = shifted_value is not None
         value = shifted_value if use_shift else raw

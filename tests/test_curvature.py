@@ -26,6 +26,9 @@ from tests._models import (
 
 torch.set_default_dtype(torch.float32)
 
+# Both engines are checked against every reference: the Taylor sweep (default) and double-backward HVPs.
+METHODS = pytest.mark.parametrize("method", ["taylor", "hvp"])
+
 
 def assert_close(actual, expected, rtol, atol=0.0, what=""):
     a = np.asarray(actual, dtype=np.float64)
@@ -46,7 +49,8 @@ def seed_quadratic(d=10):
 
 
 # ----------------------------------------------------------------------------- closed forms
-def test_seed_quadratic_sharpness_closed_form():
+@METHODS
+def test_seed_quadratic_sharpness_closed_form(method):
     d = 10
     model, A, obj = seed_quadratic(d)
     H = 2 * A
@@ -55,7 +59,7 @@ def test_seed_quadratic_sharpness_closed_form():
     gen = torch.Generator().manual_seed(1)
     rand = torch.randn(d, generator=gen, dtype=torch.float64)
     dirs = {"e1": torch.eye(d, dtype=torch.float64)[0] * 3.0, "ones": torch.ones(d, dtype=torch.float64), "rand": rand}
-    res = ls.directional_sharpness(obj, {k: {"x": v} for k, v in dirs.items()})
+    res = ls.directional_sharpness(obj, {k: {"x": v} for k, v in dirs.items()}, method=method)
     assert res["e1"].value == pytest.approx(200.0, rel=1e-12)
     assert res["ones"].value == pytest.approx(2 * (100 + d - 1) / d, rel=1e-12)
     u = rand / rand.norm()
@@ -72,7 +76,8 @@ def test_seed_quadratic_sharpness_closed_form():
     assert line[0] - line[1] == pytest.approx(r.predicted_reduction, rel=1e-10)
 
 
-def test_linear_model_summed_mse_kronecker_hessian():
+@METHODS
+def test_linear_model_summed_mse_kronecker_hessian(method):
     torch.manual_seed(0)
     n, d_in, d_out = 7, 4, 3
     X = torch.randn(n, d_in, dtype=torch.float64)
@@ -84,7 +89,7 @@ def test_linear_model_summed_mse_kronecker_hessian():
         v = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         hv = ls.hvp(obj, {"weight": v})["weight"]
         assert_close(hv.reshape(-1), H @ v.reshape(-1), rtol=1e-12, atol=1e-12, what="H v")
-        s = ls.directional_sharpness(obj, {"v": {"weight": v}})["v"]
+        s = ls.directional_sharpness(obj, {"v": {"weight": v}}, method=method)["v"]
         u = v.reshape(-1) / v.norm()
         assert s.raw == pytest.approx(float(u @ H @ u), rel=1e-12)
 
@@ -111,8 +116,9 @@ def _transformer_case():
     return model, (x, y), lambda out: F.cross_entropy(out.reshape(-1, 5), y.reshape(-1)), x
 
 
+@METHODS
 @pytest.mark.parametrize("case", [_mlp_case, _cnn_case, _transformer_case], ids=["mlp", "cnn", "transformer"])
-def test_against_dense_hessian(case):
+def test_against_dense_hessian(case, method):
     model, batch, loss_of_output, inputs = case()
     obj = ls.Objective(model, classification_loss, batch)
     H = dense_hessian(model, loss_of_output, inputs, obj.names)
@@ -122,11 +128,13 @@ def test_against_dense_hessian(case):
     hvs = obj.hvps(vs)
     for v, hv in zip(vs, hvs):
         assert_close(tree.flatten(hv, obj.names), H @ tree.flatten(v, obj.names), rtol=1e-8, atol=1e-10, what="H v")
-    res = ls.directional_sharpness(obj, {f"v{i}": v for i, v in enumerate(vs)}, shift="never")
+    res = ls.directional_sharpness(obj, {f"v{i}": v for i, v in enumerate(vs)}, shift="never", method=method)
+    g = tree.flatten(obj.grad(), obj.names)
     for i, v in enumerate(vs):
         u = tree.flatten(v, obj.names)
         u = u / u.norm()
         assert res[f"v{i}"].raw == pytest.approx(float(u @ H @ u), rel=1e-8, abs=1e-12)
+        assert res[f"v{i}"].grad_correlation == pytest.approx(float(g @ u), rel=1e-9, abs=1e-14)
     # Lanczos eigenvalues against eigvalsh
     evals = torch.linalg.eigvalsh(H).numpy()[::-1]
     top = ls.top_eigenvalues(obj, k=2, tol=1e-10)
@@ -154,7 +162,8 @@ def test_include_restricts_to_a_hessian_block():
 
 
 # ----------------------------------------------------------------------------- finite differences
-def test_causal_lm_against_central_finite_differences():
+@METHODS
+def test_causal_lm_against_central_finite_differences(method):
     """Small causal transformer LM (LayerNorm, attention) in float64: sharpness and gradient correlation
     against central finite differences of the loss along û, evaluated on an independent model copy."""
     torch.manual_seed(0)
@@ -164,7 +173,7 @@ def test_causal_lm_against_central_finite_differences():
     g = obj.grad()
     gen = torch.Generator().manual_seed(3)
     dirs = {"grad": g, "rand": tree.randn_like(g, gen), "sign": tree.map(torch.sign, g)}
-    res = ls.directional_sharpness(obj, dirs, shift="never")
+    res = ls.directional_sharpness(obj, dirs, shift="never", method=method)
     x = obj.params()
     h = 1e-4  # float64: rounding ~1e-16/h² and truncation ~h² both far below the tolerance
     for name, u in dirs.items():
@@ -195,24 +204,25 @@ class Cubic(torch.nn.Module):
         return (self.x**3).sum() / 6 + 0.5 * (self.x[1:] ** 2).sum()
 
 
-def test_shifted_fallback_negative_then_positive():
+@METHODS
+def test_shifted_fallback_negative_then_positive(method):
     model = Cubic(torch.tensor([-0.004, 0.3, -0.2], dtype=torch.float64))
     obj = ls.Objective(model, call_loss, None)
     e0 = {"x": torch.tensor([2.0, 0.0, 0.0], dtype=torch.float64)}
-    default = ls.directional_sharpness(obj, {"u": e0})["u"]
+    default = ls.directional_sharpness(obj, {"u": e0}, method=method)["u"]
     # f''(x0 + δ) along e0 = x0 + δ = 0.006 > 0 while f''(x0) = -0.004 < 0
     assert default.raw == pytest.approx(-0.004, rel=1e-12)
     assert default.shifted and default.shifted_value == pytest.approx(0.006, rel=1e-10)
     assert default.value == default.shifted_value
     assert default.best_step is not None and default.predicted_reduction is not None
-    never = ls.directional_sharpness(obj, {"u": e0}, shift="never")["u"]
+    never = ls.directional_sharpness(obj, {"u": e0}, shift="never", method=method)["u"]
     assert not never.shifted and never.value == pytest.approx(-0.004, rel=1e-12)
     assert never.shifted_value is None and never.best_step is None and never.predicted_reduction is None
-    always = ls.directional_sharpness(obj, {"u": e0}, shift="always", delta=0.1)["u"]
+    always = ls.directional_sharpness(obj, {"u": e0}, shift="always", delta=0.1, method=method)["u"]
     assert always.shifted and always.value == pytest.approx(-0.004 + 0.1, rel=1e-10)
     # a positive direction is not shifted under the default policy
     e1 = {"x": torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)}
-    pos = ls.directional_sharpness(obj, {"u": e1})["u"]
+    pos = ls.directional_sharpness(obj, {"u": e1}, method=method)["u"]
     assert not pos.shifted and pos.value == pytest.approx(0.3 + 1.0, rel=1e-12)
     with pytest.raises(ValueError, match="shift"):
         ls.directional_sharpness(obj, {"u": e0}, shift="sometimes")
