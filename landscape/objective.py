@@ -466,6 +466,12 @@ class Objective:
                     raise UnsupportedGraph(f"the Taylor sweep does not support this loss: {graphs}; use method='hvp'")
             else:
                 swept = self._taylor_sweep(graphs, point, vs_)
+                if swept is None:
+                    # The recording went stale (a plain tensor attribute of the model changed, say):
+                    # record again here once.
+                    self.__dict__.get("_taylor_cache", {}).clear()
+                    graphs = self._taylor_graphs(point)
+                    swept = None if isinstance(graphs, str) else self._taylor_sweep(graphs, point, vs_)
                 if swept is not None:
                     return (*swept, "taylor")
                 if method == "taylor":

@@ -177,27 +177,6 @@ def _linear_first_multi(node, P, C, cache):
 for _name in _LINEAR_FIRST:
     if (_o := _op(_name)) is not None:
         RULES[_o] = _linear_first
-# In-place reshaping (matmul of 1-D operands records ``squeeze_``): out-of-place on the coefficients. The
-# graph builder accepts them only when nothing else reads the mutated input.
-_INPLACE_VIEWS = {
-    aten.squeeze_.dim: aten.squeeze.dim,
-    aten.squeeze_.default: aten.squeeze.default,
-    aten.unsqueeze_.default: aten.unsqueeze.default,
-    aten.transpose_.default: aten.transpose.int,
-    aten.t_.default: aten.t.default,
-}
-if hasattr(aten.squeeze_, "dims"):
-    _INPLACE_VIEWS[aten.squeeze_.dims] = aten.squeeze.dims
-
-
-def _inplace_view(node, P, C, cache):
-    op = _INPLACE_VIEWS[node.target]
-    rest = [P(r) for r in node.args[1:]]
-    return tuple(None if x is None else op(x, *rest) for x in C(node.args[0]))
-
-
-for _o in _INPLACE_VIEWS:
-    RULES[_o] = _inplace_view
 for _name in _LINEAR_FIRST_MULTI:
     if (_o := _op(_name)) is not None:
         RULES[_o] = _linear_first_multi
@@ -210,8 +189,17 @@ def _detach(node, P, C, cache):
 
 @_rule(aten.embedding.default)
 def _embedding(node, P, C, cache):
+    # PyTorch treats the ``padding_idx`` row as a constant (autograd gives it no gradient, so no
+    # optimizer moves it); so does this rule, which keeps both engines on the same function.
     w, idx = node.args[0], P(node.args[1])
-    return tuple(None if x is None else aten.embedding.default(x, idx) for x in C(w))
+    pad = P(node.args[2]) if len(node.args) > 2 else node.kwargs.get("padding_idx", -1)
+    out = []
+    for x in C(w):
+        y = None if x is None else aten.embedding.default(x, idx)
+        if y is not None and pad is not None and pad >= 0:
+            y = y.masked_fill((idx == pad).unsqueeze(-1), 0.0)
+        out.append(y)
+    return tuple(out)
 
 
 @_rule(aten.add.Tensor, aten.sub.Tensor)
@@ -322,9 +310,8 @@ def _div(node, P, C, cache):
         return tuple(_scale(x, 1.0 / b) for x in C(a))
     b1, b2 = C(b)
     if b1 is None and b2 is None:
-        if "inv" not in cache:
-            cache["inv"] = 1.0 / P(b)
-        return tuple(None if x is None else x * cache["inv"] for x in C(a))
+        b0 = P(b)
+        return tuple(None if x is None else x / b0 for x in C(a))
     r0, r = _reciprocal_pair(P(b), (b1, b2), cache, "recip")
     if not isinstance(a, Node):
         return tuple(_scale(x, a) for x in r)
@@ -415,7 +402,7 @@ _unary(aten.softplus.default, lambda x, y, n: _softplus_derivs(x, n))
 _unary(aten.silu.default, lambda x, y, n: _silu_derivs(x))
 _unary(aten.gelu.default, lambda x, y, n: _gelu_derivs(x, n.kwargs.get("approximate", n.args[1] if len(n.args) > 1 else "none")))
 _unary(aten.pow.Tensor_Scalar, lambda x, y, n: _pow_derivs(x, n.args[1]))
-_unary(aten.leaky_relu.default, lambda x, y, n: (torch.where(x > 0, 1.0, n.args[1] if len(n.args) > 1 else 0.01).to(x.dtype), None))
+_unary(aten.leaky_relu.default, lambda x, y, n: (torch.ones_like(x).masked_fill_(x <= 0, n.args[1] if len(n.args) > 1 else 0.01), None))
 _unary(aten.clamp.default, lambda x, y, n: (_clamp_mask(x, *(list(n.args[1:]) + [None, None])[:2]), None))
 _unary(aten.clamp_min.default, lambda x, y, n: (_clamp_mask(x, n.args[1], None), None))
 _unary(aten.clamp_max.default, lambda x, y, n: (_clamp_mask(x, None, n.args[1]), None))
@@ -636,9 +623,12 @@ def _layer_norm(node, P, C, cache):
     return [(y1, y2), (None, None), (None, None)]
 
 
-@_rule(aten._native_batch_norm_legit_no_training.default)
+@_rule(aten._native_batch_norm_legit_no_training.default, aten.native_batch_norm.default)
 def _batch_norm_eval(node, P, C, cache):
-    x, w, b, rm, rv, _momentum, eps = node.args
+    if node.target is aten.native_batch_norm.default:
+        x, w, b, rm, rv, _training, _momentum, eps = node.args
+    else:
+        x, w, b, rm, rv, _momentum, eps = node.args
     if C(rm) != (None, None) or C(rv) != (None, None):
         raise UnsupportedGraph("batch norm statistics that depend on the parameters")
     shape = [1, -1] + [1] * (P(x).dim() - 2)
@@ -721,6 +711,7 @@ class TaylorGraph:
         if not isinstance(out, Node):
             raise UnsupportedGraph("the loss does not depend on the inputs")
         self.output = out
+        _functionalize_inplace(nodes)
         # Which nodes depend on the direction (statically), and the plan of rules for them.
         live: set[Node] = set(self.placeholders[: self.n_measured])
         self.plan: list[tuple[Node, Rule | None]] = []
@@ -740,7 +731,7 @@ class TaylorGraph:
             val = n.meta.get("val", _MISSING)
             if val is not _MISSING and _non_float(val):
                 continue
-            if n.target not in RULES or (n.target in _INPLACE_VIEWS and len(n.args[0].users) > 1):
+            if n.target not in RULES or (n.target is aten.native_batch_norm.default and n.args[5]):
                 missing[str(n.target)] = missing.get(str(n.target), 0) + 1
                 continue
             live.add(n)
@@ -790,6 +781,27 @@ class TaylorGraph:
 _MISSING = object()
 
 
+def _functionalize_inplace(nodes: list[Node]) -> None:
+    """Replace in-place ATen operators (``squeeze_`` from a 1-D matmul, ``masked_fill_`` in label
+    smoothing, ...) by their out-of-place forms where that cannot change the result: when nothing
+    reads the mutated tensor after the operator. The others stay and are reported unsupported."""
+    order = {n: i for i, n in enumerate(nodes)}
+    for n in nodes:
+        if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+            continue
+        packet = n.target.overloadpacket.__name__
+        if not packet.endswith("_") or packet.startswith("_") and packet.endswith("__"):
+            continue
+        base = getattr(aten, packet[:-1], None)
+        out_of_place = getattr(base, n.target._overloadname, None) if base is not None else None
+        if out_of_place is None or not n.args or not isinstance(n.args[0], Node):
+            continue
+        mutated = n.args[0]
+        if mutated.op == "placeholder" or any(order[u] > order[n] for u in mutated.users if u is not n):
+            continue
+        n.target = out_of_place
+
+
 def _non_float(val: Any) -> bool:
     if isinstance(val, Tensor):
         return not (val.is_floating_point() or val.is_complex())
@@ -803,6 +815,20 @@ def _fetch_attr(gm: GraphModule, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _fit(out: Any, primal: Any) -> Any:
+    """Coefficients with the primal's shape (a rule may return a broadcastable, smaller tensor)."""
+    if isinstance(out, list):
+        return [_fit(o, p) for o, p in zip(out, primal)]
+    if isinstance(primal, Tensor):
+        y1, y2 = out
+        if y1 is not None and y1.shape != primal.shape:
+            y1 = y1.expand(primal.shape)
+        if y2 is not None and y2.shape != primal.shape:
+            y2 = y2.expand(primal.shape)
+        return y1, y2
+    return out
 
 
 class Primal:
@@ -842,7 +868,7 @@ class Primal:
                     tan[n] = none if src is None else src[n.args[1]]
                 else:
                     cache = self.cache.setdefault(n, {})
-                    tan[n] = rule(n, P, C, cache)
+                    tan[n] = _fit(rule(n, P, C, cache), env0[n])
                 for a in g._free_after[i]:
                     tan.pop(a, None)
         y1, y2 = tan.get(g.output, none)
