@@ -1,10 +1,14 @@
 """Cost of directional sharpness relative to one forward+backward pass.
 
 Prints, on the demo's causal LM (2 layers, width 128, LayerNorm, attention) at 2,048 tokens of real
-text, ``time(K directions) / (K × time(one forward+backward))`` for the engine's method (one retained
-``create_graph`` gradient + one backward per direction) and for the alternatives, the peak memory of
-each (measured in a fresh subprocess), and the cost of one point of ``loss_along`` relative to one
-forward pass. Ratios are measured in one run; the machine is noisy, so medians of repeats are used.
+text, ``time(K directions) / (K × time(one forward+backward))`` for ``ls.directional_sharpness`` with
+its default engine (the second-order Taylor sweep through the traced loss, ``method="taylor"``), with
+its Hessian-vector-product engine (``method="hvp"``: one retained ``create_graph`` gradient + one
+backward per direction) and for alternative HVP schemes, the peak memory of each (measured in a fresh
+subprocess), the matrix-multiply FLOPs of one direction relative to one forward+backward (counted by
+``torch.utils.flop_counter``: the floor no implementation of that scheme can beat), and the cost of
+one point of ``loss_along`` relative to one forward pass. Each method is timed against its baseline
+interleaved in the same process; the machine is noisy, so medians of repeats are used.
 
     python benchmarks/sharpness_cost.py [--directions 16] [--repeats 5]
 """
@@ -15,6 +19,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -53,6 +58,9 @@ def methods(model, loss_fn, batch, obj, dirs):
     def engine():
         ls.directional_sharpness(obj, dirs, shift="never")
 
+    def engine_hvp():
+        ls.directional_sharpness(obj, dirs, shift="never", method="hvp")
+
     def fresh_double_backward():
         with math_attention():
             for u in units:
@@ -86,7 +94,8 @@ def methods(model, loss_fn, batch, obj, dirs):
     return {
         "forward+backward": fwd_bwd,
         "forward": forward,
-        "engine (retained graph)": engine,
+        "taylor sweep (default)": engine,
+        "hvp engine (retained graph)": engine_hvp,
         "fresh double backward": fresh_double_backward,
         "forward-over-reverse": forward_over_reverse,
         "is_grads_batched": batched_backward,
@@ -104,6 +113,7 @@ def child(name, k, repeats):
     rss0 = peak_rss_mib()
     fn()
     peak = peak_rss_mib() - rss0
+    flop_ratio = per_direction_flops(name, model, loss_fn, batch, obj, dirs)
     ratios = []
     for _ in range(repeats):
         tb = median_time(base, repeats=3, warmup=1)
@@ -112,7 +122,53 @@ def child(name, k, repeats):
         per = 1 if name in ("forward+backward", "forward", "loss_along point") else k
         ratios.append(tm / (per * (tb + tb2) / 2))
     ratios.sort()
-    print(json.dumps({"ratio": ratios[len(ratios) // 2], "peak_mib": peak}))
+    trace = None
+    if name.startswith("taylor"):
+        # The one-time cost of recording the loss, paid once per Objective (a probe keeps one for the run).
+        fresh = ls.Objective(model, loss_fn, batch, check_determinism=False)
+        t0 = time.perf_counter()
+        assert fresh.taylor_support() is None
+        trace = (time.perf_counter() - t0) / median_time(base, repeats=3, warmup=0)
+    print(json.dumps({"ratio": ratios[len(ratios) // 2], "peak_mib": peak, "trace": trace, "flop_ratio": flop_ratio}))
+
+
+def _flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+
+    def addmm_(self_shape, a_shape, b_shape, *args, **kwargs):
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+    def baddbmm_(self_shape, a_shape, b_shape, *args, **kwargs):
+        return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+
+    # The in-place forms the Taylor sweep uses cost what the out-of-place ones do.
+    custom = {aten.addmm_: addmm_, aten.baddbmm_: baddbmm_}
+    with FlopCounterMode(display=False, custom_mapping=custom) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def per_direction_flops(name, model, loss_fn, batch, obj, dirs):
+    """FLOPs (matrix products, as torch.utils.flop_counter counts them) of one more direction, relative
+    to one forward+backward: the floor for that scheme whatever the implementation."""
+    if name not in ("taylor sweep (default)", "hvp engine (retained graph)"):
+        return None
+
+    def fwd_bwd():
+        model.zero_grad(set_to_none=True)
+        with math_attention():
+            loss_fn(model, batch).backward()
+        model.zero_grad(set_to_none=True)
+
+    base = _flops(fwd_bwd)
+    two = dict(list(dirs.items())[:2])
+    one = dict(list(dirs.items())[:1])
+    method = "taylor" if name.startswith("taylor") else "hvp"
+    f2 = _flops(lambda: obj.directional_derivatives(list(two.values()), method=method))
+    f1 = _flops(lambda: obj.directional_derivatives(list(one.values()), method=method))
+    return (f2 - f1) / base
 
 
 def main():
@@ -128,7 +184,8 @@ def main():
     names = a.only or [
         "forward+backward",
         "forward",
-        "engine (retained graph)",
+        "taylor sweep (default)",
+        "hvp engine (retained graph)",
         "fresh double backward",
         "forward-over-reverse",
         "is_grads_batched",
@@ -148,12 +205,17 @@ def main():
         res[n] = json.loads(out.stdout.strip().splitlines()[-1])
     k = a.directions
     print(f"\ncausal LM, 2 layers, width 128, 2,048 tokens; K = {k} directions; median of {a.repeats} interleaved repeats")
-    print(f"{'method':28s} {'time / (K x fwd+bwd)':>22s} {'peak MiB over setup':>20s}")
+    print(f"{'method':28s} {'time / (K x fwd+bwd)':>22s} {'peak MiB over setup':>20s} {'matmul FLOPs / dir':>19s}")
     for n in names:
         r = res.get(n)
-        if r is None or n in ("forward", "loss_along point"):
+        if r is None or n in ("forward", "loss_along point", "forward+backward"):
             continue
-        print(f"{n:28s} {r['ratio']:22.2f} {r['peak_mib']:20.1f}")
+        fl = "" if r.get("flop_ratio") is None else f"{r['flop_ratio']:.2f}"
+        print(f"{n:28s} {r['ratio']:22.2f} {r['peak_mib']:20.1f} {fl:>19s}")
+    print("(matmul FLOPs / dir: what one more direction adds, over one forward+backward: the floor of the scheme)")
+    t = (res.get("taylor sweep (default)") or {}).get("trace")
+    if t is not None:
+        print(f"one-time trace of the loss (once per Objective): {t:.1f} x fwd+bwd")
     if res.get("loss_along point"):
         print(f"\nloss_along, one point / one forward pass: {res['loss_along point']['ratio']:.2f}")
 

@@ -602,12 +602,20 @@ class Objective:
         used as given, not normalised)."""
         self._check_direction(direction)
         point = self._point(at)
-        d = {n: direction[n].to(dtype=point[n].dtype, device=point[n].device) for n in self.names}
+        names = self.names
+        base = [point[n] for n in names]
+        d = [direction[n].to(dtype=point[n].dtype, device=point[n].device) for n in names]
+        batches = [self._batch(i) for i in range(len(self.batches))]
+        # Everything but the measured entries is the same at every point (in eval mode: train mode
+        # copies the buffers afresh for each call, as BatchNorm updates them in place).
+        fixed = self._swap(point) if self.mode == "eval" else None
         out = np.empty(len(steps), dtype=np.float64)
         with self._context(), torch.no_grad():
             for j, s in enumerate(steps):
-                shifted = {n: point[n] - float(s) * d[n] if s else point[n] for n in self.names}
-                out[j] = sum(w * float(self._call(shifted, b)) for w, b in zip(self.batches.weights, self.batches))
+                moved = torch._foreach_add(base, d, alpha=-float(s)) if s else base
+                swap = dict(fixed) if fixed is not None else self._swap(point)
+                swap.update(zip(names, moved))
+                out[j] = sum(w * float(self._call_swapped(swap, b)) for w, b in zip(self.batches.weights, batches))
         return out
 
     def check_deterministic(self, rtol: float = 1e-6) -> float:
