@@ -47,6 +47,9 @@ class MeasureSettings:
         robust_every: robust smoothness every this many measurements (0: off; it costs ~100 HVPs).
         robust_samples: Rademacher vectors for the Hessian row norms.
         seed: seeds the coordinate samples and robust-smoothness probes.
+        method: the sharpness engine: ``"auto"`` (the Taylor sweep where the loss supports it, else
+            Hessian-vector products), ``"taylor"`` or ``"hvp"`` (see :func:`~landscape.directional_sharpness`).
+            Not part of a run's settings: both engines measure the same numbers (up to rounding).
     """
 
     shift: str = "negative"
@@ -64,10 +67,16 @@ class MeasureSettings:
     robust_samples: int = 16
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    method: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.method not in ("auto", "taylor", "hvp"):
+            raise ValueError(f"method must be 'auto', 'taylor' or 'hvp', got {self.method!r}")
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["gammas"] = [float(g) for g in self.gammas]
+        d.pop("method")  # how, not what: a run may resume with the other engine
         return d
 
 
@@ -204,7 +213,9 @@ def measure_step(
     rows: dict[str, list[dict[str, Any]]] = {}
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    sharp, loss, grad = sharpness_and_gradient(objective, dirs, at=x_t, shift=st.shift, delta=st.delta)
+    sharp, loss, grad = sharpness_and_gradient(
+        objective, dirs, at=x_t, shift=st.shift, delta=st.delta, method=st.method
+    )
     timings["sharpness"] = time.perf_counter() - t0
     ref = sharp.get(reference)
     rows["sharpness"] = []

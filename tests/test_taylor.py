@@ -396,3 +396,27 @@ def test_hugging_face_models(arch):
     # Hugging Face upcasts parts of these models (the loss, RMSNorm) to float32 even in float64, so the
     # two engines agree to float32 rounding, not float64.
     check(obj, rtol=5e-5, n=2)
+
+
+def test_measure_step_engines_agree_and_settings_exclude_the_engine():
+    from landscape.measure import MeasureSettings, measure_step
+    from landscape.models import TinyCausalLM, lm_loss
+
+    torch.manual_seed(0)
+    model = TinyCausalLM(vocab=13, width=16, depth=1, heads=2, context=8).double()
+    batch = (torch.randint(0, 13, (4, 8)), torch.randint(0, 13, (4, 8)))
+    obj = ls.Objective(model, lm_loss, batch)
+    x = obj.params()
+    g = obj.grad()
+    dirs = {"sgd": g, "sign": tree.map(torch.sign, g)}
+    rows = {}
+    for method in ("taylor", "hvp"):
+        st = MeasureSettings(method=method, lines=False, smoothness=False, coord_per_layer=0, cosine=False)
+        rows[method] = measure_step(obj, 0, x, dirs, settings=st)["sharpness"]
+    for a, b in zip(rows["taylor"], rows["hvp"]):
+        assert a["direction"] == b["direction"]
+        assert a["sharpness"] == pytest.approx(b["sharpness"], rel=1e-9)
+        assert a["grad_correlation"] == pytest.approx(b["grad_correlation"], rel=1e-9)
+    assert MeasureSettings(method="hvp").as_dict() == MeasureSettings().as_dict()
+    with pytest.raises(ValueError, match="method"):
+        MeasureSettings(method="fast")
