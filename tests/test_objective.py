@@ -86,6 +86,21 @@ def test_train_mode_batchnorm_uses_batch_statistics():
     assert f_train == pytest.approx(ref_train, rel=1e-6)
     assert f_eval == pytest.approx(ref_eval, rel=1e-6)
     assert f_train != pytest.approx(f_eval, rel=1e-3)
+    # the line: batch statistics in train mode, running statistics in eval mode, the module untouched
+    stats = copy.deepcopy(dict(model.named_buffers()))
+    for mode, ref_mode in (("train", True), ("eval", False)):
+        obj = ls.Objective(model, classification_loss, batch, mode=mode)
+        g = obj.grad()
+        line = obj.losses_along(g, [0.0, 0.05, 0.05])
+        moved = copy.deepcopy(model).train(ref_mode)
+        with torch.no_grad():
+            for n, p in moved.named_parameters():
+                if n in g:
+                    p.sub_(0.05 * g[n])
+        assert line[0] == pytest.approx(ref_train if ref_mode else ref_eval, rel=1e-6)
+        assert line[1] == line[2] == pytest.approx(float(classification_loss(moved, batch)), rel=1e-6)
+    for n, b in model.named_buffers():
+        assert torch.equal(b, stats[n]), n
 
 
 def test_determinism_guard_refuses_dropout_in_train_mode():
