@@ -750,6 +750,12 @@ class TaylorGraph:
         for a, i in last.items():
             if a is not self.output:
                 self._free_after[i].append(a)
+        # The primal values the sweeps read: the swept nodes and their inputs (the rest is dropped after
+        # the primal pass, as autograd drops what no backward formula saved).
+        self._keep: set[Node] = {self.output}
+        for n, _ in self.plan:
+            self._keep.add(n)
+            self._keep.update(n.all_input_nodes)
 
     def unsupported(self) -> dict[str, int]:
         """Operators (with counts) that the direction reaches and that have no second-order rule."""
@@ -775,7 +781,7 @@ class TaylorGraph:
                     break
                 else:  # pragma: no cover - make_fx emits no call_module / call_method
                     raise UnsupportedGraph(f"unexpected node {n.op}")
-        return Primal(self, env)
+        return Primal(self, {n: v for n, v in env.items() if n in self._keep})
 
 
 _MISSING = object()
