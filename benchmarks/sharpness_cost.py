@@ -91,6 +91,9 @@ def methods(model, loss_fn, batch, obj, dirs):
     def line_point():
         obj.losses_along(units[0], [0.1])
 
+    def line_8():
+        obj.losses_along(units[0], [0.0125 * (i + 1) for i in range(8)])
+
     return {
         "forward+backward": fwd_bwd,
         "forward": forward,
@@ -100,6 +103,7 @@ def methods(model, loss_fn, batch, obj, dirs):
         "forward-over-reverse": forward_over_reverse,
         "is_grads_batched": batched_backward,
         "loss_along point": line_point,
+        "loss_along 8-point line": line_8,
     }
 
 
@@ -108,7 +112,8 @@ def child(name, k, repeats):
     model, loss_fn, batch, obj, dirs = make(k)
     table = methods(model, loss_fn, batch, obj, dirs)
     fn = table[name]
-    base_name = "forward" if name == "loss_along point" else "forward+backward"
+    cheap = name in ("forward+backward", "forward", "loss_along point", "loss_along 8-point line")
+    base_name = "forward" if name.startswith("loss_along") else "forward+backward"
     base = table[base_name]
     rss0 = peak_rss_mib()
     fn()
@@ -117,9 +122,9 @@ def child(name, k, repeats):
     ratios = []
     for _ in range(repeats):
         tb = median_time(base, repeats=3, warmup=1)
-        tm = median_time(fn, repeats=1, warmup=0)
+        tm = median_time(fn, repeats=5 if cheap else 1, warmup=0)
         tb2 = median_time(base, repeats=3, warmup=0)
-        per = 1 if name in ("forward+backward", "forward", "loss_along point") else k
+        per = 8 if name == "loss_along 8-point line" else 1 if cheap else k
         ratios.append(tm / (per * (tb + tb2) / 2))
     ratios.sort()
     trace = None
@@ -190,6 +195,7 @@ def main():
         "forward-over-reverse",
         "is_grads_batched",
         "loss_along point",
+        "loss_along 8-point line",
     ]
     res = {}
     for n in names:
@@ -208,7 +214,7 @@ def main():
     print(f"{'method':28s} {'time / (K x fwd+bwd)':>22s} {'peak MiB over setup':>20s} {'matmul FLOPs / dir':>19s}")
     for n in names:
         r = res.get(n)
-        if r is None or n in ("forward", "loss_along point", "forward+backward"):
+        if r is None or n in ("forward", "forward+backward") or n.startswith("loss_along"):
             continue
         fl = "" if r.get("flop_ratio") is None else f"{r['flop_ratio']:.2f}"
         print(f"{n:28s} {r['ratio']:22.2f} {r['peak_mib']:20.1f} {fl:>19s}")
@@ -217,7 +223,9 @@ def main():
     if t is not None:
         print(f"one-time trace of the loss (once per Objective): {t:.1f} x fwd+bwd")
     if res.get("loss_along point"):
-        print(f"\nloss_along, one point / one forward pass: {res['loss_along point']['ratio']:.2f}")
+        print(f"\nloss_along, a call with one point / one forward pass: {res['loss_along point']['ratio']:.2f}")
+    if res.get("loss_along 8-point line"):
+        print(f"loss_along, per point of an 8-point line / one forward pass: {res['loss_along 8-point line']['ratio']:.2f}")
 
 
 if __name__ == "__main__":
