@@ -420,3 +420,14 @@ def test_measure_step_engines_agree_and_settings_exclude_the_engine():
     assert MeasureSettings(method="hvp").as_dict() == MeasureSettings().as_dict()
     with pytest.raises(ValueError, match="method"):
         MeasureSettings(method="fast")
+
+
+def test_float64_objective_of_a_float32_model():
+    from landscape.models import TinyCausalLM, lm_loss
+
+    torch.manual_seed(1)
+    model = TinyCausalLM(vocab=13, width=16, depth=1, heads=2, context=8)  # float32
+    batch = (torch.randint(0, 13, (3, 8)), torch.randint(0, 13, (3, 8)))
+    obj = ls.Objective(model, lm_loss, batch, dtype=torch.float64)
+    check(obj, rtol=1e-9, n=2)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
