@@ -536,9 +536,13 @@ def _coordinate_grid(run: Run, fig: Any) -> None:
     fig.set_size_inches(TEXT_WIDTH, 2.1 * nrows + 0.2)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, layer in zip(axes, layers):
-        coordinate_smoothness(run, layer, ax=ax)
+        # One shared colour bar (a bar per panel squeezes the panels of a many-layer grid to nothing).
+        coordinate_smoothness(run, layer, ax=ax, colorbar=False)
     for ax in axes[len(layers):]:
         ax.set_visible(False)
+    mappables = [c for ax in axes[: len(layers)] for c in ax.collections if c.get_array() is not None]
+    if mappables:
+        fig.colorbar(mappables[0], ax=list(axes[: len(layers)]), label="step", shrink=0.6, aspect=40)
 
 
 def save_figures(run: Run, out_dir: str | Path, fmt: str = "png", *, every_step: bool = False,
