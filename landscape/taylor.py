@@ -403,18 +403,22 @@ _unary(aten.silu.default, lambda x, y, n: _silu_derivs(x))
 _unary(aten.gelu.default, lambda x, y, n: _gelu_derivs(x, n.kwargs.get("approximate", n.args[1] if len(n.args) > 1 else "none")))
 _unary(aten.pow.Tensor_Scalar, lambda x, y, n: _pow_derivs(x, n.args[1]))
 _unary(aten.leaky_relu.default, lambda x, y, n: (torch.ones_like(x).masked_fill_(x <= 0, n.args[1] if len(n.args) > 1 else 0.01), None))
+# At the boundaries, the derivative autograd uses: clamp's includes them, hardtanh's excludes them.
 _unary(aten.clamp.default, lambda x, y, n: (_clamp_mask(x, *(list(n.args[1:]) + [None, None])[:2]), None))
 _unary(aten.clamp_min.default, lambda x, y, n: (_clamp_mask(x, n.args[1], None), None))
 _unary(aten.clamp_max.default, lambda x, y, n: (_clamp_mask(x, None, n.args[1]), None))
-_unary(aten.hardtanh.default, lambda x, y, n: (_clamp_mask(x, *(list(n.args[1:]) + [-1.0, 1.0])[:2]), None))
+_unary(
+    aten.hardtanh.default,
+    lambda x, y, n: (_clamp_mask(x, *(list(n.args[1:]) + [-1.0, 1.0])[:2], inclusive=False), None),
+)
 
 
-def _clamp_mask(x: Tensor, lo, hi) -> Tensor:
+def _clamp_mask(x: Tensor, lo, hi, inclusive: bool = True) -> Tensor:
     m = torch.ones_like(x)
     if lo is not None:
-        m = m * (x > lo)
+        m = m * ((x >= lo) if inclusive else (x > lo))
     if hi is not None:
-        m = m * (x < hi)
+        m = m * ((x <= hi) if inclusive else (x < hi))
     return m
 
 

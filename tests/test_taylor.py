@@ -431,3 +431,28 @@ def test_float64_objective_of_a_float32_model():
     obj = ls.Objective(model, lm_loss, batch, dtype=torch.float64)
     check(obj, rtol=1e-9, n=2)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        lambda z: torch.clamp(z, -0.5, 0.5) * z,
+        lambda z: F.hardtanh(z, -0.5, 0.5) * z,
+        lambda z: torch.relu(z - 0.5) * z,
+        lambda z: torch.abs(z - 0.5) * z,
+        lambda z: torch.amax(torch.cat([z, 1.0 - z], 1), 1) * z[:, 0],
+    ],
+    ids=["clamp", "hardtanh", "relu", "abs", "amax_tie"],
+)
+def test_kinks_follow_autograd_at_the_boundary(f):
+    """Exactly at a kink the derivative is a convention: the sweep uses autograd's, so both engines
+    report the same number there."""
+    x = torch.tensor([[1.0], [0.5]], dtype=D)
+    model = Fn(lambda p, b: f(b @ p[0]).sum(), [(1, 1)])
+    with torch.no_grad():
+        model.ps[0].fill_(0.5)
+    obj = ls.Objective(model, call, x)
+    v = [{"ps.0": torch.ones(1, 1, dtype=D)}]
+    _, g1, s1, _ = obj.directional_derivatives(v, method="taylor")
+    _, g2, s2, _ = obj.directional_derivatives(v, method="hvp")
+    assert g1[0] == pytest.approx(g2[0], rel=1e-12) and s1[0] == pytest.approx(s2[0], rel=1e-12, abs=1e-15)
