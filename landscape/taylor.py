@@ -460,7 +460,7 @@ def _pow_derivs(x: Tensor, p: float):
     return p * x ** (p - 1), p * (p - 1) * x ** (p - 2)
 
 
-@_rule(aten._softmax.default, aten._safe_softmax.default)
+@_rule(aten._softmax.default, *([aten._safe_softmax.default] if hasattr(aten, "_safe_softmax") else []))
 def _softmax(node, P, C, cache):
     # With a = x₁ − ⟨p, x₁⟩:  p₁ = p⊙a,  p₂ = p⊙(a² + x₂ − ⟨p, x₂⟩ − ⟨p, a²⟩).
     x1, x2 = C(node.args[0])
@@ -682,10 +682,14 @@ def _mse(node, P, C, cache):
 
 # Operators whose outputs never depend on the direction (constants, shapes, comparisons, random-free fills).
 _CONSTANT = {
-    aten.full_like.default, aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
-    aten.sign.default, aten.floor.default, aten.ceil.default, aten.round.default, aten.trunc.default,
-    aten.argmax.default, aten.argmin.default, aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int,
-    aten._local_scalar_dense.default, aten.scalar_tensor.default,
+    op
+    for name in (
+        "full_like.default", "zeros_like.default", "ones_like.default", "empty_like.default", "sign.default",
+        "floor.default", "ceil.default", "round.default", "trunc.default", "argmax.default", "argmin.default",
+        "sym_size.int", "sym_numel.default", "sym_stride.int", "_local_scalar_dense.default",
+        "scalar_tensor.default",
+    )
+    if (op := _op(name)) is not None
 }
 
 
