@@ -795,11 +795,23 @@ class TaylorGraph:
 _MISSING = object()
 
 
+def _returns_alias(node: Node) -> bool:
+    """Whether ``node``'s operator returns a view of one of its inputs (or we cannot tell)."""
+    if node.op != "call_function":
+        return True
+    if node.target is operator.getitem:
+        return _returns_alias(node.args[0])
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return True
+    return any(r.alias_info is not None for r in schema.returns)
+
+
 def _functionalize_inplace(nodes: list[Node]) -> None:
     """Replace in-place ATen operators (``squeeze_`` from a 1-D matmul, ``masked_fill_`` in label
-    smoothing, ...) by their out-of-place forms where that cannot change the result: when nothing
-    reads the mutated tensor after the operator. The others stay and are reported unsupported."""
-    order = {n: i for i, n in enumerate(nodes)}
+    smoothing, ...) by their out-of-place forms where that cannot change the result: when the mutated
+    tensor is a fresh result (not a view of another: writing into a view writes its base) that
+    nothing else reads. The others stay in place (they are unsupported if the direction reaches them)."""
     for n in nodes:
         if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
             continue
@@ -811,7 +823,7 @@ def _functionalize_inplace(nodes: list[Node]) -> None:
         if out_of_place is None or not n.args or not isinstance(n.args[0], Node):
             continue
         mutated = n.args[0]
-        if mutated.op == "placeholder" or any(order[u] > order[n] for u in mutated.users if u is not n):
+        if len(mutated.users) != 1 or _returns_alias(mutated):
             continue
         n.target = out_of_place
 

@@ -68,6 +68,29 @@ def check(obj, rtol=1e-9, n=3):
 X = torch.randn(5, 4, generator=torch.Generator().manual_seed(11), dtype=D)
 W = torch.randn(4, 3, generator=torch.Generator().manual_seed(12), dtype=D)
 
+def _inplace_on_views(p, x):
+    # Writes into views of fresh tensors (as T5's label shifting does): the base must see them.
+    w = torch.ones(5, dtype=D)
+    w[1:3] = 2.0
+    h = x @ p[0]
+    return ((h.sum(1) * w) ** 2).sum() + (torch.tanh(torch.mm(x, p[1]).unsqueeze_(0)) ** 2).sum()
+
+
+def test_inplace_write_into_a_swept_view_falls_back():
+    def fn(p, x):
+        h = (x @ p[0]).clone()
+        h[:, 0] *= 3.0  # mutates h through a view: no rule, so HVPs
+        return (torch.tanh(h) ** 2).sum()
+
+    model = Fn(fn, [(4, 3)])
+    obj = ls.Objective(model, call, X)
+    assert "copy_" in obj.taylor_support() or "mul_" in obj.taylor_support()
+    g = obj.grad()
+    _, g1, s1, used = obj.directional_derivatives([g])
+    _, g2, s2, _ = obj.directional_derivatives([g], method="hvp")
+    assert used == "hvp" and s1 == s2 and g1 == g2
+
+
 UNARY = {
     "exp": lambda z: torch.exp(z),
     "expm1": lambda z: torch.expm1(z),
@@ -135,6 +158,7 @@ STRUCTURAL = {
     + (x @ p[0]).transpose(0, 1).contiguous().view(-1).pow(2).sum(),
     "embedding_padding_idx": lambda p, x: (torch.tanh(F.embedding(torch.tensor([[0, 1, 2], [1, 1, 3]]), p[0], padding_idx=1))
     ** 2).sum(),
+    "inplace_on_views": lambda p, x: _inplace_on_views(p, x),
     "rsub_neg": lambda p, x: ((1 - x @ p[0]) ** 2).sum() + (-(x @ p[1])).exp().sum() + (3.0 - (x @ p[0])).pow(3).sum(),
     "mse": lambda p, x: F.mse_loss(x @ p[0], torch.tanh(x @ p[1])) + F.mse_loss(x @ p[0], x[:, :3], reduction="sum"),
     "cross_entropy": lambda p, x: F.cross_entropy(x @ p[0], torch.tensor([0, 1, 2, 1, 0]), label_smoothing=0.1),
@@ -369,7 +393,7 @@ def test_bad_method_refused():
         obj.directional_derivatives([obj.params()], method="fast")
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert", "t5"])
 def test_hugging_face_models(arch):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -383,6 +407,10 @@ def test_hugging_face_models(arch):
             cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
             model = transformers.LlamaForCausalLM(cfg)
+        elif arch == "t5":
+            cfg = transformers.T5Config(vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                        dropout_rate=0.0, decoder_start_token_id=0)
+            model = transformers.T5ForConditionalGeneration(cfg)
         else:
             cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                           intermediate_size=32, max_position_embeddings=16, num_labels=3,
@@ -390,7 +418,7 @@ def test_hugging_face_models(arch):
             model = transformers.BertForSequenceClassification(cfg)
     model = model.double().eval()
     ids = torch.randint(0, 40, (2, 8))
-    labels = torch.randint(0, 3, (2,)) if arch == "bert" else ids
+    labels = {"bert": torch.randint(0, 3, (2,)), "t5": torch.randint(1, 40, (2, 5))}.get(arch, ids)
     obj = ls.Objective(model, lambda m, b: m(**b).loss, {"input_ids": ids, "labels": labels})
     assert obj.taylor_support() is None
     # Hugging Face upcasts parts of these models (the loss, RMSNorm) to float32 even in float64, so the
