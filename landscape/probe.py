@@ -263,13 +263,26 @@ class Probe:
         """Record the training loss of the step about to be taken (optional)."""
         self._pending_loss = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
 
-    def observe(self, grads: Mapping[str, Tensor] | None = None, loss: float | Tensor | None = None) -> None:
-        """Manual form, for loops without a ``torch.optim`` step: call once per step after the
+    def observe(
+        self,
+        grads: Mapping[str, Tensor] | None = None,
+        loss: float | Tensor | None = None,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        """Manual form, for loops without a ``torch.optim`` step hook: call once per step after the
         backward pass and before the parameters change. ``grads`` default to the parameters'
-        ``.grad``. The step's measurement completes at the next call (or at :meth:`close`), when the
-        real update ``x_t − x_{t+1}`` is known."""
+        ``.grad``. ``optimizer`` (optional): the optimizer the loop steps; its hyperparameters and
+        trained parameters are recorded when the run opens and its learning rate at every step. The
+        step's measurement completes at the next call (or at :meth:`close`), when the real update
+        ``x_t − x_{t+1}`` is known."""
+        if optimizer is not None:
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise TypeError(f"observe: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            if self._optimizer is None:
+                self._optimizer = optimizer
         if self._store is None:
-            self._open(None)
+            self._open(optimizer)
         if self._pending is not None:
             self._after_step()
         if loss is not None:

@@ -108,6 +108,8 @@ def test_lightning_callback_fills_the_store_and_leaves_training_bit_identical(tm
     assert run.meta["optimizer"]["class"] == "AdamW" and run.meta["integration"] == "lightning"
     losses = run.columns("steps")["loss"]
     assert all(0 < v < 10 for v in losses), losses
+    assert list(run.columns("steps")["lr"]) == [1e-2] * 7  # read from the trainer's optimizer at every step
+    assert run.meta["optimizer"]["hyperparameters"]["lr"] == 1e-2
     assert run.steps("smoothness") == [1, 3, 6]
     # the probe measured the point before each step: the trained direction is the real AdamW step
     sharp = {r["direction"]: r for r in run.rows("sharpness", step=3)}

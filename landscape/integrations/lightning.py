@@ -156,7 +156,7 @@ class LandscapeCallback(pl.Callback):
         if inner is not self._optimizer:
             return
         loss, self._loss = self._loss, None
-        self.probe.observe(None, loss=loss)
+        self.probe.observe(None, loss=loss, optimizer=inner)
 
     def _close(self) -> None:
         if self.probe is not None:
