@@ -458,34 +458,16 @@ class Objective:
             self._check_direction(v, f"vector {i}")
             vs_.append({n: v[n].to(dtype=point[n].dtype, device=point[n].device) for n in self.names})
         if method != "hvp":
-            graphs = self._taylor_graphs(point)
-            if isinstance(graphs, str):
-                if method == "taylor":
-                    from landscape.taylor import UnsupportedGraph
+            swept, reason, stale = self._try_taylor(point, vs_)
+            if swept is not None:
+                return (*swept, "taylor")
+            if method == "taylor":
+                from landscape.taylor import UnsupportedGraph
 
-                    raise UnsupportedGraph(f"the Taylor sweep does not support this loss: {graphs}; use method='hvp'")
-            else:
-                swept = self._taylor_sweep(graphs, point, vs_)
-                if swept is None:
-                    # The recording went stale (a plain tensor attribute of the model changed, say):
-                    # record again here once.
-                    self.__dict__.get("_taylor_cache", {}).clear()
-                    graphs = self._taylor_graphs(point)
-                    swept = None if isinstance(graphs, str) else self._taylor_sweep(graphs, point, vs_)
-                if swept is not None:
-                    return (*swept, "taylor")
-                if method == "taylor":
-                    from landscape.taylor import UnsupportedGraph
-
-                    raise UnsupportedGraph(
-                        "the traced loss no longer reproduces the loss at this point (control flow that depends "
-                        "on parameter values?); use method='hvp'"
-                    )
+                raise UnsupportedGraph(f"the Taylor sweep does not support this loss: {reason}; use method='hvp'")
+            if stale:
                 warnings.warn(
-                    "landscape: the traced loss does not reproduce the loss at this point (control flow that "
-                    "depends on parameter values?); using Hessian-vector products here",
-                    RuntimeWarning,
-                    stacklevel=2,
+                    f"landscape: {reason}; using Hessian-vector products here", RuntimeWarning, stacklevel=2
                 )
         firsts: list[float] = []
 
@@ -495,6 +477,40 @@ class Objective:
         loss, grad, seconds = self.second_order(vs_, point, reduce=reduce)
         firsts = [float(tree.dot(grad, v)) for v in vs_]
         return loss, firsts, [float(x) for x in seconds], "hvp"
+
+    def _try_taylor(
+        self, point: Mapping[str, Tensor], vs: Sequence[Mapping[str, Tensor]]
+    ) -> tuple[tuple[float, list[float], list[float]] | None, str | None, bool]:
+        """``(result, None, False)``, or ``(None, reason, stale)``: ``stale`` when the loss was supported
+        when recorded but the sweep failed here (worth a warning: the user's model changed under it)."""
+        graphs = self._taylor_graphs(point)
+        if isinstance(graphs, str):
+            return None, graphs, False
+        try:
+            swept = self._taylor_sweep(graphs, point, vs)
+            if swept is None:
+                # The recording went stale (a plain tensor attribute of the model changed, say): record
+                # again here once.
+                self.__dict__.get("_taylor_cache", {}).clear()
+                graphs = self._taylor_graphs(point)
+                if isinstance(graphs, str):
+                    return None, graphs, True
+                swept = self._taylor_sweep(graphs, point, vs)
+                if swept is None:
+                    return None, (
+                        "the traced loss no longer reproduces the loss at this point (control flow that depends "
+                        "on parameter values?)"
+                    ), True
+        except NonFiniteError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a rule that cannot handle this case: HVPs from now on
+            reason = f"the Taylor sweep failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            cache = self.__dict__.get("_taylor_cache", {})
+            for key, value in cache.items():
+                if value is graphs:
+                    cache[key] = reason
+            return None, reason, True
+        return swept, None, False
 
     def taylor_support(self, at: Mapping[str, Tensor] | None = None) -> str | None:
         """``None`` when the Taylor sweep supports this loss, else the reason it does not."""

@@ -484,3 +484,26 @@ def test_kinks_follow_autograd_at_the_boundary(f):
     _, g1, s1, _ = obj.directional_derivatives(v, method="taylor")
     _, g2, s2, _ = obj.directional_derivatives(v, method="hvp")
     assert g1[0] == pytest.approx(g2[0], rel=1e-12) and s1[0] == pytest.approx(s2[0], rel=1e-12, abs=1e-15)
+
+
+def test_a_rule_failing_at_run_time_falls_back(monkeypatch):
+    """A rule bug must cost speed, not a crash or a wrong number: HVPs from then on, with a warning."""
+
+    def broken(node, P, C, cache):
+        raise RuntimeError("simulated rule failure")
+
+    monkeypatch.setitem(RULES, torch.ops.aten.tanh.default, broken)
+    model = Fn(lambda p, b: torch.tanh(b @ p[0]).pow(2).sum(), [(4, 3)])
+    obj = ls.Objective(model, call, X)
+    assert obj.taylor_support() is None  # the rule exists; it fails only when run
+    g = obj.grad()
+    with pytest.warns(RuntimeWarning, match="simulated rule failure"):
+        _, g1, s1, used = obj.directional_derivatives([g])
+    _, g2, s2, _ = obj.directional_derivatives([g], method="hvp")
+    assert used == "hvp" and s1 == s2 and g1 == g2
+    assert "simulated rule failure" in obj.taylor_support()  # remembered: no second warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert obj.directional_derivatives([g])[3] == "hvp"
+    with pytest.raises(UnsupportedGraph, match="simulated"):
+        obj.directional_derivatives([g], method="taylor")
