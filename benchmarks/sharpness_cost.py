@@ -10,7 +10,7 @@ subprocess), the matrix-multiply FLOPs of one direction relative to one forward+
 one point of ``loss_along`` relative to one forward pass. Each method is timed against its baseline
 interleaved in the same process; the machine is noisy, so medians of repeats are used.
 
-    python benchmarks/sharpness_cost.py [--directions 16] [--repeats 5]
+    python benchmarks/sharpness_cost.py [--directions 16] [--repeats 5] [--width 128] [--depth 2]
 """
 
 from __future__ import annotations
@@ -31,9 +31,11 @@ import landscape as ls  # noqa: E402
 from landscape import tree  # noqa: E402
 from landscape.objective import math_attention  # noqa: E402
 
+SIZE = {"width": 128, "depth": 2}
+
 
 def make(k):
-    model, loss_fn, batch = lm_setup()
+    model, loss_fn, batch = lm_setup(width=SIZE["width"], depth=SIZE["depth"])
     obj = ls.Objective(model, loss_fn, batch)
     gen = torch.Generator().manual_seed(0)
     dirs = {f"d{i}": tree.randn_like(obj.params(), gen) for i in range(k)}
@@ -194,10 +196,13 @@ def per_direction_flops(name, model, loss_fn, batch, obj, dirs):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--directions", type=int, default=16)
+    ap.add_argument("--width", type=int, default=128, help="model width (the issue's benchmark: 128)")
+    ap.add_argument("--depth", type=int, default=2, help="transformer blocks (the issue's benchmark: 2)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    SIZE.update(width=a.width, depth=a.depth)
     if a.child:
         child(a.child, a.directions, a.repeats)
         return
@@ -215,7 +220,8 @@ def main():
     res = {}
     for n in names:
         out = subprocess.run(
-            [sys.executable, __file__, "--child", n, "--directions", str(a.directions), "--repeats", str(a.repeats)],
+            [sys.executable, __file__, "--child", n, "--directions", str(a.directions), "--repeats", str(a.repeats),
+             "--width", str(a.width), "--depth", str(a.depth)],
             capture_output=True,
             text=True,
         )
@@ -225,7 +231,8 @@ def main():
             continue
         res[n] = json.loads(out.stdout.strip().splitlines()[-1])
     k = a.directions
-    print(f"\ncausal LM, 2 layers, width 128, 2,048 tokens; K = {k} directions; median of {a.repeats} interleaved repeats")
+    print(f"\ncausal LM, {a.depth} layers, width {a.width}, 2,048 tokens; K = {k} directions; "
+          f"median of {a.repeats} interleaved repeats")
     print(f"{'method':28s} {'time / (K x fwd+bwd)':>22s} {'peak MiB over setup':>20s} {'matmul FLOPs / dir':>19s}")
     for n in names:
         r = res.get(n)
