@@ -234,6 +234,12 @@ class MeasureMode(str, Enum):
     train = "train"
 
 
+class SharpnessEngine(str, Enum):
+    auto = "auto"
+    taylor = "taylor"
+    hvp = "hvp"
+
+
 def _recipe_enum() -> type[Enum]:
     from landscape.optim import recipe_names
 
@@ -275,6 +281,12 @@ def analyze(
         "--trust-checkpoints",
         help="Allow full pickles (torch.load weights_only=False), which can run code: only for files you "
              "trust. By default a pickle that would import anything but tensors is refused unread.")] = False,
+    engine: Annotated[SharpnessEngine, typer.Option(
+        "--engine",
+        help="How directional sharpness is computed: auto (a Taylor sweep through the traced loss where it "
+             "supports the model, else Hessian-vector products), taylor, or hvp. The same numbers up to "
+             "rounding; taylor is about 1.4x a forward+backward per direction, hvp 2.4x or more.")
+    ] = SharpnessEngine.auto,
 ) -> None:
     """Measure saved checkpoints as the probe measures a live run.
 
@@ -293,6 +305,7 @@ def analyze(
     from landscape.analyze import SpecError
     from landscape.analyze import analyze as run_analyze
     from landscape.checkpoints import CheckpointError
+    from landscape.measure import MeasureSettings
 
     console = Console(stderr=True)  # stdout keeps the one-line summary; no bar when not a terminal
     bar = Progress(TextColumn("[bold]analyze"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
@@ -309,6 +322,7 @@ def analyze(
             spec, checkpoints, out, every=every, order=CheckpointOrder(order).value,
             recipes=[RecipeName(r).value for r in recipe] if recipe else None,
             mode=MeasureMode(mode).value, grad_batches=grad_batches, trust=trust_checkpoints, progress=progress,
+            settings=MeasureSettings(method=SharpnessEngine(engine).value),
         )
     except (SpecError, CheckpointError) as e:
         raise CLIError(str(e)) from None

@@ -212,6 +212,22 @@ def test_cli_measures_each_format(tmp_path, ckpts, pattern):
     assert load_run(out).steps() == [0, 3, 6]
 
 
+def test_cli_engine_option_gives_the_same_sharpness(tmp_path, ckpts):
+    runs = {}
+    for engine in ("hvp", "taylor"):
+        out = tmp_path / engine
+        result = runner.invoke(app, ["analyze", "--spec", "tests.specs.tiny_lm:build", str(ckpts / "*.pt"),
+                                     "--out", str(out), "--every", "3", "--engine", engine, *R_ARGS])
+        assert result.exit_code == 0, result.output
+        runs[engine] = {(r["step"], r["direction"]): r["sharpness"] for r in load_run(out).rows("sharpness")}
+    assert runs["hvp"].keys() == runs["taylor"].keys() and runs["hvp"]
+    for key, value in runs["hvp"].items():
+        assert runs["taylor"][key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
+    bad = runner.invoke(app, ["analyze", "--spec", "tests.specs.tiny_lm:build", str(ckpts / "*.pt"),
+                              "--out", str(tmp_path / "x"), "--engine", "fast"])
+    assert bad.exit_code != 0
+
+
 def test_cli_measures_hf_save_pretrained_folders(tmp_path):
     pytest.importorskip("transformers")
     from tests.specs import tiny_gpt2
@@ -228,7 +244,7 @@ def test_cli_measures_hf_save_pretrained_folders(tmp_path):
 def test_cli_help_explains_the_command():
     result = runner.invoke(app, ["analyze", "--help"])
     assert result.exit_code == 0
-    for text in ("--spec", "--out", "--every", "--order", "--recipe", "--grad-batches", "--trust-checkpoints",
+    for text in ("--spec", "--out", "--every", "--order", "--recipe", "--grad-batches", "--trust-checkpoints", "--engine",
                  "step|name|mtime", "save_pretrained", "resumes", "progress bar"):
         assert text in result.stdout, text
 
