@@ -13,6 +13,7 @@ traced loss (:mod:`landscape.taylor`), or by Hessian-vector products. When ``S(u
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -188,6 +189,19 @@ def _sharpness(
         loss, g_corrs, raws, used = objective.directional_derivatives(units, at, method=method)
         if need_grad:
             grad = objective.grad(at)
+            if used == "taylor":
+                # Free cross-check of the two engines: the sweep's ∇f·û against autograd's gradient.
+                reason = _first_order_mismatch(grad, units, g_corrs)
+                if reason is not None:
+                    if method == "taylor":
+                        from landscape.taylor import UnsupportedGraph
+
+                        raise UnsupportedGraph(reason)
+                    warnings.warn(f"landscape: {reason}; using Hessian-vector products from now on",
+                                  RuntimeWarning, stacklevel=3)
+                    objective._disable_taylor(reason)
+                    return _sharpness(objective, directions, at=at, shift=shift, delta=delta, method="hvp",
+                                      need_grad=need_grad)
     point = objective._point(at)
     out: dict[str, Sharpness] = {}
     for i, name in enumerate(names):
@@ -218,6 +232,21 @@ def _sharpness(
             mode=objective.mode,
         )
     return out, loss, grad
+
+
+def _first_order_mismatch(grad: dict[str, Tensor], units: list[dict[str, Tensor]], g_corrs: list[float]) -> str | None:
+    """Why the Taylor sweep's ∇f·û disagrees with autograd's gradient (``None`` when it agrees to the
+    rounding of the parameters' dtype, relative to ‖∇f‖)."""
+    dtype = next(iter(grad.values())).dtype
+    tol = max(1e-4, 100 * torch.finfo(dtype).eps) * float(tree.norm(grad)) + 1e-12
+    for i, u in enumerate(units):
+        ref = float(tree.dot(grad, u))
+        if not abs(ref - g_corrs[i]) <= tol:
+            return (
+                f"the Taylor sweep's gradient correlation ({g_corrs[i]!r}) disagrees with autograd's ({ref!r}): the "
+                "recorded loss no longer matches the model's derivatives (a flag that changes what is detached?)"
+            )
+    return None
 
 
 def loss_along(

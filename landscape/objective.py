@@ -512,6 +512,12 @@ class Objective:
             return None, reason, True
         return swept, None, False
 
+    def _disable_taylor(self, reason: str) -> None:
+        """Use HVPs from now on (every recording is replaced by the reason)."""
+        cache = self.__dict__.setdefault("_taylor_cache", {})
+        for key in list(cache):
+            cache[key] = reason
+
     def taylor_support(self, at: Mapping[str, Tensor] | None = None) -> str | None:
         """``None`` when the Taylor sweep supports this loss, else the reason it does not."""
         graphs = self._taylor_graphs(self._point(at))

@@ -18,6 +18,7 @@ from torch import nn
 
 import landscape as ls
 from landscape import tree
+from landscape.curvature import sharpness_and_gradient
 from landscape.taylor import RULES, UnsupportedGraph
 
 D = torch.float64
@@ -507,3 +508,34 @@ def test_a_rule_failing_at_run_time_falls_back(monkeypatch):
         assert obj.directional_derivatives([g])[3] == "hvp"
     with pytest.raises(UnsupportedGraph, match="simulated"):
         obj.directional_derivatives([g], method="taylor")
+
+
+class Detachable(nn.Module):
+    """A flag that changes what is detached changes the derivatives but not the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor([0.3, -0.2], dtype=D))
+        self.b = nn.Parameter(torch.tensor([0.5, 0.1], dtype=D))
+        self.freeze_a = False
+
+    def forward(self, _):
+        a = self.a.detach() if self.freeze_a else self.a
+        return (torch.exp(a) * self.b).sum() + (a**2).sum()
+
+
+def test_first_order_cross_check_catches_a_changed_derivative_structure():
+    model = Detachable()
+    obj = ls.Objective(model, call, None)
+    x = obj.params()
+    u = {"a": torch.tensor([1.0, 0.5], dtype=D), "b": torch.tensor([0.2, -0.3], dtype=D)}
+    res, _, _ = sharpness_and_gradient(obj, {"u": u}, shift="never")
+    assert obj.taylor_support() is None
+    model.freeze_a = True  # the loss is the same; its derivatives in a are now zero
+    with pytest.warns(RuntimeWarning, match="disagrees with autograd"):
+        res, _, grad = sharpness_and_gradient(obj, {"u": u}, shift="never")
+    ref = ls.directional_sharpness(obj, {"u": u}, shift="never", method="hvp")["u"]
+    assert res["u"].raw == ref.raw and res["u"].grad_correlation == ref.grad_correlation
+    assert torch.all(grad["a"] == 0)
+    assert "disagrees" in obj.taylor_support()
+    assert x["a"].equal(model.a.detach())
