@@ -78,3 +78,30 @@ def test_fused_cpu_attention_has_no_double_backward():
     fd = tree.scale(tree.sub(obj64.grad(tree.axpy(1e-5, v64, x)), obj64.grad(tree.axpy(-1e-5, v64, x))), 0.5e5)
     torch.testing.assert_close(tree.flatten(obj64.hvp(v64)), tree.flatten(fd), rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(tree.flatten(hv).double(), tree.flatten(fd), rtol=2e-3, atol=2e-4)
+
+
+def test_embedding_padding_idx_is_a_constant_for_autograd():
+    """``nn.Embedding(padding_idx=p)``: autograd gives row p no gradient although the loss depends on it
+    (the row is meant to stay fixed in training). Finite differences see the dependence; both engines
+    follow autograd, so every derivative the tool reports is of the function the optimizers see."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(5, 3, padding_idx=1).double()
+    with torch.no_grad():
+        emb.weight[1].normal_()  # a non-zero padding row, as after loading a checkpoint
+    idx = torch.tensor([[0, 1, 2, 1]])
+
+    def loss(m, b):
+        return (torch.tanh(m(b)) ** 2).sum()
+
+    obj = ls.Objective(emb, loss, idx)
+    u = {"weight": torch.zeros(5, 3, dtype=torch.float64)}
+    u["weight"][1] = torch.tensor([1.0, -0.5, 0.2], dtype=torch.float64)  # moves only the padding row
+    x = obj.params()
+    h = 1e-4
+    f = [obj.loss(tree.axpy(s, u, x)) for s in (-h, 0.0, h)]
+    fd_first = (f[2] - f[0]) / (2 * h)
+    assert abs(fd_first) > 1e-3  # the loss does depend on the padding row ...
+    for method in ("taylor", "hvp"):
+        _, g, s, used = obj.directional_derivatives([u], method=method)
+        assert used == method and g == [0.0] and s == [0.0]  # ... but autograd's derivatives do not
+    assert torch.all(obj.grad()["weight"][1] == 0)
