@@ -469,8 +469,6 @@ class Objective:
                 warnings.warn(
                     f"landscape: {reason}; using Hessian-vector products here", RuntimeWarning, stacklevel=2
                 )
-        firsts: list[float] = []
-
         def reduce(i: int, hv: dict[str, Tensor]) -> float:
             return float(tree.dot(vs_[i], hv))
 
