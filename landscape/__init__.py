@@ -42,7 +42,7 @@ from landscape.smoothness import (
     local_smoothness,
     robust_smoothness,
 )
-from landscape.store import Run, RunMismatchError, RunStore, load_run
+from landscape.store import Run, RunLockedError, RunMismatchError, RunStore, load_run
 
 __all__ = [
     "__version__",
@@ -80,6 +80,7 @@ __all__ = [
     "RunStore",
     "Run",
     "RunMismatchError",
+    "RunLockedError",
     "load_run",
     # helpers
     "tree",

@@ -186,8 +186,8 @@ def demo(
 
     from landscape.demo import DemoConfig, run_demo
     from landscape.plots import save_figures
+    from landscape.report import ratio_exclusions, summary
     from landscape.report import report as make_report
-    from landscape.report import summary
     from landscape.store import load_run
 
     cfg = DemoConfig(steps=steps, every=every, optimizer=DemoOptimizer(optimizer).value, seed=seed)
@@ -209,9 +209,12 @@ def demo(
                f"measurement {t['measurement']:.1f} s); final training loss {result['final_loss']:.3f}")
     rows = summary(run)
     if rows:
-        typer.echo("median sharpness ratio to SGD over the measured steps:")
+        typer.echo("median sharpness ratio to SGD over the measured steps where SGD's sharpness is > 0:")
         for r in rows:
-            typer.echo(f"  {r['direction']:<20s} {r['median_ratio_to_sgd']:10.4g}")
+            typer.echo(f"  {r['direction']:<20s} {r['median_ratio_to_sgd']:10.4g}   ({r['n_ratio']}/{r['n_steps']} steps)")
+        excluded = ratio_exclusions(rows)
+        if excluded:
+            typer.echo(excluded)
     typer.echo(f"figures: {out / 'figures'} ({len(paths)} files); report: {out / 'report.md'}")
 
 

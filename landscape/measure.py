@@ -20,10 +20,11 @@ import torch
 from torch import Tensor
 
 from landscape import tree
+from landscape._ratio import ratio_to_reference
 from landscape.curvature import sharpness_and_gradient
 from landscape.objective import Objective
 
-__all__ = ["MeasureSettings", "adaptive_line", "cosine_matrix", "log_histogram", "measure_step"]
+__all__ = ["MeasureSettings", "adaptive_line", "cosine_matrix", "log_histogram", "measure_step", "ratio_to_reference"]
 
 
 @dataclass
@@ -32,7 +33,7 @@ class MeasureSettings:
 
     Attributes:
         shift: sharpness shift policy (``"never"``, ``"negative"``, ``"always"``).
-        delta: δ of the shifted sharpness.
+        delta: δ of the shifted sharpness ûᵀ∇²f(x − δû)û, a distance ≥ 0 toward the step.
         lines: measure the landscape line of every direction.
         line_points: points of the first line grid (more are added while extending / refining).
         line_min_before: the grid is refined until at least this many points lie before the loss
@@ -70,6 +71,11 @@ class MeasureSettings:
     method: str = "auto"
 
     def __post_init__(self) -> None:
+        from landscape.curvature import SHIFT_POLICIES, _check_delta
+
+        if self.shift not in SHIFT_POLICIES:
+            raise ValueError(f"shift must be one of {SHIFT_POLICIES}, got {self.shift!r}")
+        _check_delta(self.delta)
         if self.method not in ("auto", "taylor", "hvp"):
             raise ValueError(f"method must be 'auto', 'taylor' or 'hvp', got {self.method!r}")
 
@@ -220,7 +226,7 @@ def measure_step(
     ref = sharp.get(reference)
     rows["sharpness"] = []
     for name, s in sharp.items():
-        ratio = s.value / ref.value if ref is not None and ref.value != 0 else None
+        ratio, note = ratio_to_reference(s.value, ref.value if ref is not None else None, reference)
         rows["sharpness"].append(
             {
                 "step": step,
@@ -230,6 +236,7 @@ def measure_step(
                 "shifted_value": s.shifted_value,
                 "shifted": s.shifted,
                 "ratio_to_sgd": ratio,
+                "ratio_note": note,
                 "grad_correlation": s.grad_correlation,
                 "update_norm": s.update_norm,
                 "best_step": s.best_step,

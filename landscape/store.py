@@ -9,7 +9,13 @@ mode, so that
 * readers (:func:`load_run`, a read-only ``file:...?mode=ro`` connection) see every committed row
   while the writer is still running, and never block it;
 * a writer killed with SIGKILL (or a power cut) loses at most the transaction it was in: every
-  committed row stays readable, and the run can be reopened to append (resume).
+  committed row stays readable, and the run can be reopened to append (resume);
+* a run folder has one writer at a time: :class:`RunStore` holds an advisory lock on
+  ``RUN/writer.lock`` (``flock``) for its whole lifetime, taken before the database is opened or
+  created. A second writer (another process, or a second probe in the same process) is refused at
+  once with :class:`RunLockedError`, naming the holder (pid, host, command, since when); it never
+  touches the database. The operating system releases the lock when the holder exits, however it
+  exits (SIGKILL included), so a crashed run can be resumed at once.
 
 All table schemas are declared in one place, :data:`TABLES`. Writers validate every row against it
 (an unknown table or column, a missing required column or a value of the wrong type raises
@@ -44,7 +50,8 @@ for each). Opening an existing run for writing creates missing tables and adds m
 (as nullable ``ALTER TABLE ... ADD COLUMN``), so old runs can be resumed; reading an old run that
 lacks the table gives no rows, and a declared column missing from an old table reads as missing
 values. Then paste the output of ``python -m landscape.store`` (:func:`schema_markdown`) over the
-tables section of ``docs/store_schema.md``; a test checks the two agree.
+tables section of ``docs/store_schema.md`` and ``README.md`` (``python -m landscape.store
+docs/store_schema.md README.md`` does both); a test checks they agree.
 """
 
 from __future__ import annotations
@@ -52,10 +59,14 @@ from __future__ import annotations
 import json
 import math
 import operator
+import os
 import re
+import socket
 import sqlite3
+import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -67,6 +78,7 @@ import numpy as np
 
 __all__ = [
     "DB_NAME",
+    "LOCK_NAME",
     "SCHEMA_VERSION",
     "Column",
     "Table",
@@ -80,9 +92,12 @@ __all__ = [
     "RunMismatchError",
     "NotARunError",
     "NoDataError",
+    "RunLockedError",
 ]
 
 DB_NAME = "run.sqlite"
+#: The advisory lock file of a run folder's one writer (holds the holder's pid, host and command).
+LOCK_NAME = "writer.lock"
 #: Bumped when a change to :data:`TABLES` is not a pure addition (stored in ``PRAGMA user_version``).
 SCHEMA_VERSION = 1
 
@@ -114,6 +129,111 @@ class NotARunError(StoreError, FileNotFoundError):
 
 class NoDataError(StoreError, LookupError):
     """The run has no rows for what was asked (a table, a step, a direction)."""
+
+
+class RunLockedError(StoreError, RuntimeError):
+    """Another writer (a probe, ``landscape analyze``...) holds the run folder."""
+
+
+# --------------------------------------------------------------------------------------------------
+# the writer lock
+
+
+def _holder_text(info: Any, folder: Path) -> str:
+    if not isinstance(info, dict):
+        return "another writer (its details could not be read)"
+    same = info.get("pid") == os.getpid() and info.get("host") == socket.gethostname()
+    who = ("a writer in this same process (pid {pid}): a Probe or RunStore on this folder that is still open; "
+           "close() it first").format(**info) if same else (
+        f"pid {info.get('pid', '?')} on {info.get('host', '?')}"
+        + (f", `{info['command']}`" if info.get("command") else "")
+    )
+    since = f", since {info['since']}" if info.get("since") else ""
+    return who + since
+
+
+class _WriterLock:
+    """An exclusive advisory lock on ``folder/writer.lock`` (``fcntl.flock``; ``msvcrt`` on Windows),
+    held until :meth:`release` or the process ends.
+
+    ``flock`` locks belong to an open file description, so a second lock from the same process
+    conflicts as well (two probes on one folder in one script are refused too), and the kernel drops
+    the lock when the process dies, however it dies.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / LOCK_NAME
+        self._file = None
+
+    def acquire(self) -> None:
+        f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the writer's lifetime
+        try:
+            locked = self._lock(f)
+        except BaseException:
+            f.close()
+            raise
+        if not locked:
+            info = None
+            for _ in range(20):  # a holder that has just locked writes its details a moment later
+                try:
+                    f.seek(0)
+                    info = json.loads(f.read() or "null")
+                except (OSError, ValueError):
+                    info = None
+                if info is not None:
+                    break
+                time.sleep(0.025)
+            f.close()
+            raise RunLockedError(
+                f"run folder {self.path.parent} is already being written by {_holder_text(info, self.path.parent)}. "
+                "One run folder has one writer: wait for it to finish, or write to another folder"
+            )
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now_iso(),
+                "command": " ".join(sys.argv)[:500]}
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(json.dumps(info))
+            f.flush()
+        except OSError:
+            pass  # the details are a courtesy; the lock itself is held
+        self._file = f
+
+    @staticmethod
+    def _lock(f: Any) -> bool:
+        """True when locked; False when another holder has it."""
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            import msvcrt
+
+            try:
+                f.seek(0)
+                msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+                return True
+            except OSError:
+                return False
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        except OSError as e:  # a filesystem without locks (some network mounts)
+            warnings.warn(f"landscape: cannot lock {f.name} ({e}); a second writer on this run folder would not be "
+                          "detected", RuntimeWarning, stacklevel=4)
+            return True
+
+    def release(self) -> None:
+        f, self._file = self._file, None
+        if f is None:
+            return
+        try:
+            f.seek(0)
+            f.truncate()  # no stale holder details once released
+        except OSError:
+            pass
+        finally:
+            f.close()  # closing the last descriptor releases the lock
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,11 +365,16 @@ _TABLE_LIST: tuple[Table, ...] = (
             _DIRECTION,
             _c("sharpness", "REAL", "reported directional sharpness: `shifted_value` if `shifted`, else `raw`"),
             _c("raw", "REAL", "ûᵀ H û at x, û = u/‖u‖₂"),
-            _c("shifted_value", "REAL", "ûᵀ ∇²f(x + δû) û (seed 002 App. B.3 Eq. 4), when computed",
-               nullable=True),
+            _c("shifted_value", "REAL", "ûᵀ ∇²f(x − δû) û, the Hessian a distance δ toward the step x − η·u "
+                                        "(Pan & Li 2023, App. B.3 Eq. 4), when computed", nullable=True),
             _c("shifted", "BOOL", "whether `sharpness` is the δ-shifted value"),
-            _c("ratio_to_sgd", "REAL", "sharpness / sharpness of `sgd` at the same step", nullable=True),
-            _c("grad_correlation", "REAL", "gᵀû (positive = descent for x − s·û)"),
+            _c("ratio_to_sgd", "REAL", "sharpness / sharpness of `sgd` at the same step; defined only where "
+                                       "`sgd`'s reported sharpness is > 0, else missing (see `ratio_note`)",
+               nullable=True),
+            _c("ratio_note", "TEXT", "why `ratio_to_sgd` is missing (e.g. `sgd` sharpness ≤ 0), when it is",
+               nullable=True),
+            _c("grad_correlation", "REAL", "gradient projection gᵀû, g = ∇f(x) (positive = descent for x − s·û); "
+                                           "a projection onto the unit direction, not a correlation coefficient"),
             _c("update_norm", "REAL", "‖u‖₂ before normalisation"),
             _c("best_step", "REAL", "quadratic-model best step G/S (when S > 0)", nullable=True),
             _c("predicted_reduction", "REAL", "quadratic-model loss reduction G²/(2S) (when S > 0)",
@@ -560,21 +685,28 @@ class RunStore:
         meta = {k: _normalise_json(v, f"meta[{k!r}]") for k, v in meta.items()}
         self._lock = threading.RLock()
         self._depth = 0
+        self._conn: sqlite3.Connection | None = None
         db = self.path / DB_NAME
-        existed = db.exists()
         self.path.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(str(db), timeout=30.0, isolation_level=None, check_same_thread=False)
-        self._conn: sqlite3.Connection | None = conn
+        # One writer per folder, decided before the database is touched: a second writer never opens,
+        # creates or half-creates it.
+        self._writer = _WriterLock(self.path)
+        self._writer.acquire()
         try:
+            existed = db.exists()
+            conn = sqlite3.connect(str(db), timeout=30.0, isolation_level=None, check_same_thread=False)
+            self._conn = conn
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
-            if existed:
+            if existed and self._has_any_table():
                 self._open_existing(meta)
-            else:
+            else:  # new, or a file left by a creator that died before its first commit
                 self._create(meta)
         except BaseException:
-            conn.close()
-            self._conn = None
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            self._writer.release()
             raise
 
     # -- opening
@@ -609,6 +741,9 @@ class RunStore:
             self._migrate()
             self._put_meta(meta)
             self.log_event(None, "resume", f"reopened for writing at {_now_iso()}")
+
+    def _has_any_table(self) -> bool:
+        return self._conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' LIMIT 1").fetchone() is not None
 
     def _has_table(self, name: str) -> bool:
         return self._conn.execute(
@@ -727,6 +862,7 @@ class RunStore:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+            self._writer.release()
 
     @property
     def closed(self) -> bool:
@@ -958,5 +1094,30 @@ if __doc__ is not None:
     __doc__ += "\nTables\n------\n\n" + schema_markdown()
 
 
-if __name__ == "__main__":  # python -m landscape.store: the tables section of docs/store_schema.md
-    print(schema_markdown())
+def update_schema_docs(*paths: str | Path) -> list[Path]:
+    """Replace the ``### Tables`` section of each Markdown file (up to its next ``##``/``###``
+    heading, or the end) with :func:`schema_markdown`; returns the files changed."""
+    changed = []
+    for path in map(Path, paths):
+        text = path.read_text(encoding="utf-8")
+        lines = text.split("\n")
+        try:
+            start = lines.index("### Tables") + 1
+        except ValueError:
+            raise ValueError(f"{path} has no '### Tables' heading") from None
+        end = next((i for i in range(start, len(lines)) if lines[i].startswith(("## ", "### "))), len(lines))
+        new = "\n".join(lines[:start] + [""] + schema_markdown().split("\n") + lines[end:])
+        if new != text:
+            path.write_text(new, encoding="utf-8")
+            changed.append(path)
+    return changed
+
+
+if __name__ == "__main__":
+    # python -m landscape.store: print the tables section; with file names (docs/store_schema.md
+    # README.md), rewrite their "### Tables" sections in place.
+    if len(sys.argv) > 1:
+        for changed in update_schema_docs(*sys.argv[1:]):
+            print(f"updated {changed}")
+    else:
+        print(schema_markdown())
