@@ -147,7 +147,7 @@ def report(
         help="Only this measured step (repeat for several). [default: every measured step]")] = None,
 ) -> None:
     """Tabulate the run: per measured step, each direction's sharpness, ratio to SGD (seed 002
-    Table 1) and gradient correlation, the median ratio per direction, run metadata, and the
+    Table 1) and gradient projection gᵀû, the median ratio per direction, run metadata, and the
     smoothness measurements when present."""
     from landscape.report import report as make_report
     from landscape.store import load_run

@@ -271,7 +271,7 @@ def _first_order_mismatch(grad: dict[str, Tensor], units: list[dict[str, Tensor]
         ref = float(tree.dot(grad, u))
         if not abs(ref - g_corrs[i]) <= tol:
             return (
-                f"the Taylor sweep's gradient correlation ({g_corrs[i]!r}) disagrees with autograd's ({ref!r}): the "
+                f"the Taylor sweep's gradient projection ({g_corrs[i]!r}) disagrees with autograd's ({ref!r}): the "
                 "recorded loss no longer matches the model's derivatives (a flag that changes what is detached?)"
             )
     return None
