@@ -98,6 +98,9 @@ class Probe:
             continues with the same momenta.
         meta: more metadata for the run store.
         check_determinism: refuse a probe loss that differs between two evaluations.
+        progress: say what the probe is doing on stderr: in a terminal a status line while it
+            measures (``measuring 18 directions at step 120 (lines 4/18)``), elsewhere one line per
+            measurement. Off by default (the probe is quiet in your loop).
 
     Example:
         >>> probe = ls.Probe(model, loss_fn, probe_batch, out="runs/adam", every=50)   # doctest: +SKIP
@@ -126,6 +129,7 @@ class Probe:
         save_state: bool = True,
         meta: Mapping[str, Any] | None = None,
         check_determinism: bool = True,
+        progress: bool | Any = False,
     ) -> None:
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
@@ -156,6 +160,10 @@ class Probe:
         self._measurements = 0
         self.timings = {"tracking": 0.0, "measurement": 0.0}
         self.last_error: str | None = None
+        from landscape._progress import Progress, probe_printer
+
+        self._progress = probe_printer(progress)
+        self._own_progress = self._progress is not None and not isinstance(progress, Progress)
 
     # ------------------------------------------------------------------ setup
     def _trained_params(self, optimizer: torch.optim.Optimizer | None) -> dict[str, Tensor]:
@@ -372,15 +380,25 @@ class Probe:
         else:
             self._store.log_event(step, "warning", "the optimizer did not move the measured parameters this step")
         at = {n: x_t[n] for n in names}
-        rows = measure_step(
-            self.objective,
-            step,
-            at,
-            dirs,
-            x_next={n: x_next[n] for n in names},
-            settings=self.settings,
-            measurement_index=self._measurements,
-        )
+        progress = self._progress
+        if progress is not None:
+            progress.measuring(step, len(dirs))
+        try:
+            rows = measure_step(
+                self.objective,
+                step,
+                at,
+                dirs,
+                x_next={n: x_next[n] for n in names},
+                settings=self.settings,
+                measurement_index=self._measurements,
+                progress=progress.phase_callback(step, len(dirs)) if progress is not None else None,
+            )
+        finally:
+            if progress is not None:
+                seconds = progress.measured()
+                if self._own_progress:
+                    progress.close(f"{progress.what}: measured {len(dirs)} directions at step {step} in {seconds:.1f} s")
         self._measurements += 1
         rows.pop("_grad", None)
         self.last_timings = rows.pop("_timings", [{}])[0]
