@@ -155,14 +155,15 @@ class Progress:
     def activity(self, label: str, detail: str | None = None) -> None:
         """A measurement described by ``label`` is under way, now at ``detail``; the first call of a
         measurement starts its clock (and, outside a terminal, writes its log line)."""
-        if self._meas_start is None:
+        first = self._meas_start is None
+        if first:
             self._meas_start = self.clock()
             self._work_time += self._meas_start - self._last_mark  # the plain step before it
             self._last_mark = self._meas_start
             self._meas_label = label
             if not self.tty and self.log_at == "start":
                 self._write(self._status(label), status=False)
-        self._refresh(detail or label)
+        self._refresh(detail or label, force=first)  # a measurement's start is always shown
 
     def measured(self) -> float:
         """The measurement under way finished; returns its duration in seconds."""

@@ -1035,6 +1035,25 @@ def _coordinate_panel(ax: Axes | None, layer: str, rows: list[dict[str, Any]], *
     return ax
 
 
+def _check_layers(run: Run, layers: str | Sequence[str] | None) -> list[str]:
+    """The layers ``layers`` selects (None: :func:`default_layers`), or a NoDataError naming the
+    ones that match nothing."""
+    stored = _layers(run)
+    if not stored:
+        raise NoDataError(f"run {run.path} has no rows in table 'coord_smoothness'")
+    if layers is None:
+        return default_layers(stored)
+    if isinstance(layers, str) and layers == "all":
+        return stored
+    items = [layers] if isinstance(layers, str) else list(layers)
+    patterns = [p.strip() for item in items for p in str(item).split(",") if p.strip()]
+    unknown = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in stored)]
+    if unknown:
+        raise NoDataError(f"layer(s) {', '.join(map(repr, unknown))} not in run {run.path}; "
+                          f"layers: {', '.join(stored)}")
+    return [n for n in stored if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
 def coordinate_smoothness_grid(run: Run, fig: Figure | None = None, layers: str | Sequence[str] | None = None,
                                *, ncols: int | None = None, loglog: bool = True) -> list[Axes]:
     """Coordinate-wise smoothness of several layers, one panel each, with one colour bar (steps).
@@ -1050,21 +1069,7 @@ def coordinate_smoothness_grid(run: Run, fig: Figure | None = None, layers: str 
     Returns:
         The panels' Axes (titled ``"<kind>: <layer>"``).
     """
-    stored = _layers(run)
-    if not stored:
-        raise NoDataError(f"run {run.path} has no rows in table 'coord_smoothness'")
-    if layers is None:
-        chosen = default_layers(stored)
-    elif isinstance(layers, str) and layers == "all":
-        chosen = stored
-    else:
-        items = [layers] if isinstance(layers, str) else list(layers)
-        patterns = [p.strip() for item in items for p in str(item).split(",") if p.strip()]
-        unknown = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in stored)]
-        if unknown:
-            raise NoDataError(f"layer(s) {', '.join(map(repr, unknown))} not in run {run.path}; "
-                              f"layers: {', '.join(stored)}")
-        chosen = [n for n in stored if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    chosen = _check_layers(run, layers)
     n = len(chosen)
     wide = fig is None or fig.get_figwidth() > 4.5
     if ncols is None:
@@ -1322,6 +1327,10 @@ def save_figures(run: Run, out_dir: str | Path, fmt: str = "png", *, every_step:
     unknown = sorted(wanted - set(FIGURE_NAMES))
     if unknown:
         raise ValueError(f"unknown figure(s) {', '.join(unknown)}; figures are {', '.join(FIGURE_NAMES)}")
+    if directions is not None:  # a name or pattern that matches nothing is an error, not a figure to skip
+        _order(run, run.directions, directions)
+    if layers is not None and not (isinstance(layers, str) and layers == "all") and run.has("coord_smoothness"):
+        _check_layers(run, layers)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sizes = _SIZES[width]
