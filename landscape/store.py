@@ -844,6 +844,23 @@ class RunStore:
         with self.transaction():
             self._put_meta({key: value})
 
+    def truncate_after(self, step: int) -> dict[str, int]:
+        """Delete every row recorded for a step after ``step`` (all tables with a step column but the
+        ``events`` log), in one transaction: a resume that continues from ``step`` replaces them.
+
+        Returns:
+            ``{table: rows deleted}`` for the tables that lost rows.
+        """
+        out: dict[str, int] = {}
+        with self.transaction():
+            for t in _TABLE_LIST:
+                if t.name == "events" or "step" not in t.by_name or not self._has_table(t.name):
+                    continue
+                n = self._conn.execute(f'DELETE FROM "{t.name}" WHERE step > ?', (int(step),)).rowcount
+                if n:
+                    out[t.name] = n
+        return out
+
     def log_event(self, step: int | None, kind: str, message: str) -> None:
         """Append a row to the ``events`` table (``wall`` is filled in)."""
         self.write("events", {"step": step, "kind": kind, "message": message, "wall": self.elapsed()})
