@@ -10,6 +10,7 @@ import shutil
 import sqlite3
 import struct
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -285,3 +286,25 @@ def test_metadata_strings_cannot_escape_the_report(tmp_path):
     lines = [line for line in md.splitlines() if "Evil" in line or "pwned" in line]
     assert lines and all("Evil" in line and "pwned" in line for line in lines)  # the name stays on one line
     assert any(line.startswith("| adam (trained)") or line.startswith("| Evil") for line in lines)
+
+
+def test_a_second_analyze_on_the_same_folder_is_refused_while_the_first_writes(tmp_path, ckpts):
+    from landscape.store import RunStore
+
+    out = tmp_path / "run"
+    args = ["analyze", "--spec", "tests.specs.tiny_lm:build", str(ckpts), "--out", str(out), "-r", "sgd"]
+    assert runner.invoke(app, args).exit_code == 0
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from landscape.store import RunStore, load_run; "
+         "s = RunStore(sys.argv[1], settings=load_run(sys.argv[1]).settings); print('ready', flush=True); time.sleep(60)",
+         str(out)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        one_line_error(runner.invoke(app, args), "is already being written by pid", str(holder.pid))
+        new = tmp_path / "new"  # a folder held by another writer is refused before any work, settings or not
+        with RunStore(new, settings={"x": 1}):
+            one_line_error(runner.invoke(app, [*args[:-4], "--out", str(new), "-r", "sgd"]), "already being written")
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
