@@ -221,7 +221,7 @@ def test_a_damaged_run_store_is_one_line_not_a_traceback(tmp_path, case, command
 # -- write failures --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", ["report", "plot", "analyze"])
+@pytest.mark.parametrize("command", ["report", "plot", "analyze", "demo"])
 def test_write_failures_are_one_line(tmp_path, ckpts, command):
     from tests._synthetic import write_synthetic_run
 
@@ -233,6 +233,7 @@ def test_write_failures_are_one_line(tmp_path, ckpts, command):
         "plot": ["plot", str(run), "-o", str(target / "figs")],
         "analyze": ["analyze", "--spec", "tests.specs.tiny_lm:build", str(ckpts), "--out", str(target / "run"),
                     "-r", "sgd"],
+        "demo": ["demo", "--steps", "1", "--out", str(target / "demo")],
     }[command]
     target.write_text("a file, not a folder")
     result = runner.invoke(app, args)
