@@ -156,6 +156,7 @@ class Probe:
         self._measurements = 0
         self.timings = {"tracking": 0.0, "measurement": 0.0}
         self.last_error: str | None = None
+        self.engine: str | None = None  # the sharpness engine of the last measurement ("taylor", "hvp")
 
     # ------------------------------------------------------------------ setup
     def _trained_params(self, optimizer: torch.optim.Optimizer | None) -> dict[str, Tensor]:
@@ -384,7 +385,11 @@ class Probe:
         self._measurements += 1
         rows.pop("_grad", None)
         self.last_timings = rows.pop("_timings", [{}])[0]
+        engine = rows.pop("_engine")[0]
         with self._store.transaction():
+            if engine["engine"] != self.engine:  # an event when the engine is first chosen, or changes
+                self._store.log_event(step, "engine", engine["message"])
+                self.engine = engine["engine"]
             self._flush_steps()
             for table, table_rows in rows.items():
                 if table_rows:
