@@ -235,6 +235,7 @@ class AnalyzeResult:
         already: steps skipped because an earlier run measured them (resume).
         failed: ``{step: reason}`` for measurements that failed (non-finite loss...) or gradients
             that were not finite (the checkpoint was then not fed to the recipes).
+        engine: the sharpness engine of the last measurement (``"taylor"`` or ``"hvp"``).
     """
 
     out: Path
@@ -242,6 +243,7 @@ class AnalyzeResult:
     measured: list[int] = field(default_factory=list)
     already: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
+    engine: str | None = None
 
 
 class _Batches:
@@ -604,7 +606,11 @@ def _measure(
         return
     rows.pop("_grad", None)
     rows.pop("_timings", None)
+    engine = rows.pop("_engine")[0]
     with store.transaction():
+        if engine["engine"] != result.engine:  # an event when the engine is first chosen, or changes
+            store.log_event(step, "engine", engine["message"])
+            result.engine = engine["engine"]
         if step_rows:
             store.write("steps", step_rows)
             step_rows.clear()

@@ -248,6 +248,7 @@ class Probe:
         self._extra_state = extra_state
         self._loaded_state: Mapping[str, Any] | None = None  # from load_state_dict, applied when the run opens
         self.restored_extra_state: Any = None
+        self.engine: str | None = None  # the sharpness engine of the last measurement ("taylor", "hvp")
 
     # ------------------------------------------------------------------ setup
     def _trained_params(self, optimizer: torch.optim.Optimizer | None) -> dict[str, Tensor]:
@@ -612,7 +613,12 @@ class Probe:
         if self.save_state and self._pseudo is not None and self._pseudo.step:
             name = _state_file_name(self.step)
             _atomic_save(self.state_dict(), self.out / name)
+        rows = dict(rows)
+        engine = rows.pop("_engine", [None])[0]
         with self._store.transaction():
+            if engine is not None and engine["engine"] != self.engine:  # an event when first chosen, or changed
+                self._store.log_event(self.step, "engine", engine["message"])
+                self.engine = engine["engine"]
             if self._step_rows:
                 self._store.write("steps", self._step_rows)
             for table, table_rows in rows.items():

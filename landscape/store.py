@@ -473,7 +473,7 @@ _TABLE_LIST: tuple[Table, ...] = (
         (
             _c("id", "INTEGER", "increasing event number", auto=True),
             _c("step", "INTEGER", "training step, if the event belongs to one", nullable=True),
-            _c("kind", "TEXT", "short category (`resume`, `skip`, `warning`...)"),
+            _c("kind", "TEXT", "short category (`resume`, `skip`, `warning`, `engine`: the sharpness engine chosen, or changed, and why...)"),
             _c("message", "TEXT", "human-readable text"),
             _c("wall", "REAL", "seconds since the run was created"),
         ),
