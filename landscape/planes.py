@@ -180,11 +180,12 @@ class _Runner(torch.nn.Module):
 class _Evaluator:
     """``f(x + Σₖ cₖ·dₖ)`` for rows of coefficients ``c``, through ``objective``'s functional call.
 
-    ``"loop"``: one point at a time (``losses_along``'s fast path: one fused add per direction, the
-    fixed part of the parameter dict built once). ``"vmap"``: ``chunk`` points per forward,
-    ``torch.func.vmap`` over the functional call with the parameters stacked along a new leading
-    dimension. ``"auto"``: vmap on the first chunk, checked against one-at-a-time evaluation of two of
-    its points; whichever is faster per point is kept (any failure or disagreement: the loop).
+    ``"loop"``: one point per forward pass, a whole chunk inside one functional call (each point
+    written into the swapped-in tensors in place: a copy and one fused add per direction).
+    ``"vmap"``: ``chunk`` points per forward, ``torch.func.vmap`` over the functional call with the
+    parameters stacked along a new leading dimension. ``"auto"``: vmap on the first chunk, checked
+    against one-at-a-time evaluation of up to four of its points; whichever is faster per point is
+    kept (any failure or disagreement: the loop).
     """
 
     def __init__(self, objective: Objective, at: Mapping[str, Tensor] | None,
@@ -300,7 +301,8 @@ class _Evaluator:
             return np.concatenate([self._vmap_safe(coeffs[:half]), self._vmap_safe(coeffs[half:])])
 
     def _tune(self, coeffs: np.ndarray) -> np.ndarray:
-        """First chunk of ``"auto"``: vmap, checked against the loop on two points; keep the faster."""
+        """First chunk of ``"auto"``: vmap, checked against the loop on up to four of its points (which
+        also times the loop); keep the faster."""
         self.tuned = True
         t0 = time.perf_counter()
         try:
@@ -311,7 +313,8 @@ class _Evaluator:
             self.note = f"batched evaluation failed ({type(e).__name__}: {first[:120]}); one point at a time"
             return self._loop(coeffs)
         per_vmap = (time.perf_counter() - t0) / len(coeffs)
-        check = [0, len(coeffs) - 1]
+        k = len(coeffs)
+        check = sorted({0, k // 3, (2 * k) // 3, k - 1})
         t0 = time.perf_counter()
         direct = self._loop(coeffs[check])
         per_loop = (time.perf_counter() - t0) / len(check)
