@@ -336,7 +336,15 @@ def _from_run(run_dir: Path, spec: str | None, steps: list[int] | None, dir_name
     if run.settings.get("probe_batch") not in (None, batch_fingerprint(sp.probe_batch)):
         typer.echo(f"landscape plane: warning: the probe batch of {spec_ref} differs from the one {run_dir} was "
                    "measured on; the plane uses the spec's", err=True)
-    pts = {s: load_point(run_dir, s) for s in (chosen if kind != "random" else saved)}
+    if kind == "random":
+        wanted = saved  # the trajectory, projected
+    elif kind == "interpolate":  # the two ends, and the points saved between them (marked at their loss)
+        lo, hi = sorted(chosen)
+        forward = 1 if chosen[1] > chosen[0] else -1
+        wanted = sorted({*chosen, *(s for s in saved if lo < s < hi)}, key=lambda s: forward * (s - chosen[0]))
+    else:
+        wanted = chosen
+    pts = {s: load_point(run_dir, s) for s in wanted}
     job: dict[str, Any] = {"spec": sp, "spec_ref": spec_ref, "model": sp.model, "kind": kind, "mode": mode, "run": run}
     model = sp.model
     fitted = {s: _load_into(model, p.state_dict, f"saved point {p.path}") for s, p in pts.items()}

@@ -177,7 +177,10 @@ def plane_contour(
         t = sp.trajectory
         ax.plot(t["alpha"], t["beta"], marker="o", markersize=2.2, linewidth=0.8, color="white",
                 markeredgecolor="black", markeredgewidth=0.3, label="trajectory", zorder=5)
-        for i in (0, len(t["alpha"]) - 1):
+        ends = (0, len(t["alpha"]) - 1)
+        apart = (abs(t["alpha"][-1] - t["alpha"][0]) > 0.05 * np.ptp(sp.alphas)
+                 or abs(t["beta"][-1] - t["beta"][0]) > 0.05 * np.ptp(sp.betas))
+        for i in ends if apart else ():  # (a trajectory squeezed into a dot, as on a random plane: no labels)
             step = t["step"][i]
             if step is not None:
                 ax.annotate(f"{step}", (t["alpha"][i], t["beta"][i]), xytext=(3, 3), textcoords="offset points",
@@ -201,7 +204,14 @@ def plane_contour(
     if equal:
         ax.set_aspect("equal", adjustable="box")
     if colorbar:
-        ax.figure.colorbar(filled, ax=ax, label=f"{objective} loss" + (" (log scale)" if log else ""), shrink=0.9)
+        bar = ax.figure.colorbar(filled, ax=ax, label=f"{objective} loss" + (" (log scale)" if log else ""), shrink=0.9)
+        if log:  # plain numbers at the levels, not 2.99413×10⁰
+            from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+            shown = filled.levels[:: max(1, len(filled.levels) // 6)]
+            bar.ax.yaxis.set_major_locator(FixedLocator(shown))
+            bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _label_format(v)))
+            bar.ax.yaxis.set_minor_formatter(NullFormatter())
     return ax
 
 

@@ -128,6 +128,8 @@ def test_other_kinds_from_saved_points(run_dir):
     assert rnd.step == 3 and rnd.config["biases"] == "keep" and len(rnd.trajectory["step"]) == 5
     line = load_plane(run, "interpolate:2-4")
     assert set(line.losses) == {"probe", "train"} and line.markers == {"step 2": [0.0], "step 4": [1.0]}
+    assert line.trajectory["step"].tolist() == [2, 3, 4]  # the saved point between the ends is marked too
+    np.testing.assert_allclose(line.trajectory["alpha"][[0, 2]], [0.0, 1.0], atol=1e-6)
     np.testing.assert_allclose(line.alphas[[0, -1]], [-0.5, 1.5])
     assert set(load_plane(run, "along").losses) == {"probe", "train"}
     assert load_plane(run, "updates@2:sgd,signsgd").config["scale"] == "norm"

@@ -95,6 +95,9 @@ def test_contour_log_scale_trajectory_and_options(run):
     np.testing.assert_allclose(traj.get_xydata(), [[-0.8, -1.0], [-0.3, 0.5], [0.0, 0.0]], atol=1e-12)
     assert {t.get_text() for t in ax.texts} >= {"1", "3"}  # first and last step
     assert len(ax.figure.axes) == 1
+    bar = pp.plane_contour(run, "traj", log=True, levels=5).figure.axes[1]
+    ticks = [t.get_text() for t in bar.get_yticklabels()]
+    assert ticks and all(float(t) > 0 for t in ticks), ticks  # plain numbers, not 1.23×10⁰
     _, mine = plt.subplots()
     assert pp.plane_contour(run, "traj", ax=mine, trajectory=False, markers=False) is mine
     assert not [ln for ln in mine.lines if ln.get_label() == "trajectory"]
