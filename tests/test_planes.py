@@ -476,7 +476,8 @@ def _train(save_points, tmp_path, steps=4, **kw):
     gen = torch.Generator().manual_seed(0)
     pb = (torch.randint(0, 13, (4, 8), generator=gen), torch.randint(0, 13, (4, 8), generator=gen))
     before_step = []
-    fast = MeasureSettings(line_points=4, line_min_before=2, line_max_points=8, coord_per_layer=2, smoothness=False)
+    fast = MeasureSettings(line_points=4, line_min_before=2, line_max_points=8, smoothness=False, cosine=False,
+                           method="hvp")
     with ls.Probe(model, lm_loss, pb, out=tmp_path / "run", every=50, recipes=["sgd", "adam"], settings=fast,
                   save_points=save_points, **kw) as probe:
         probe.attach(opt)
