@@ -391,5 +391,7 @@ def main() -> None:
     app(prog_name="landscape")
 
 
+import landscape.plane_cli  # noqa: E402, F401  (registers `landscape plane`)
+
 if __name__ == "__main__":
     main()
