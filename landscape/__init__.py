@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from landscape._version import __version__
 
 if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and IDEs
-    from landscape import optim, references, smoothness, tree
+    from landscape import optim, planes, references, smoothness, tree
     from landscape.curvature import (
         Sharpness,
         TraceEstimate,
@@ -41,6 +41,20 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
     from landscape.measure import MeasureSettings, measure_step
     from landscape.objective import DeterminismError, MicroBatches, NonFiniteError, Objective
     from landscape.optim import PseudoUpdates
+    from landscape.planes import (
+        LossGrid,
+        Plane,
+        filter_normalize,
+        interpolation,
+        load_plane,
+        loss_line,
+        loss_plane,
+        measure_plane,
+        pca_plane,
+        random_direction,
+        random_plane,
+        update_plane,
+    )
     from landscape.probe import Probe
     from landscape.smoothness import (
         CoordinateSamples,
@@ -63,13 +77,16 @@ _LAZY: dict[str, str] = {
     **{n: "landscape.measure" for n in ("MeasureSettings", "measure_step")},
     **{n: "landscape.objective" for n in ("DeterminismError", "MicroBatches", "NonFiniteError", "Objective")},
     "PseudoUpdates": "landscape.optim",
+    **{n: "landscape.planes" for n in (
+        "LossGrid", "Plane", "filter_normalize", "interpolation", "load_plane", "loss_line", "loss_plane",
+        "measure_plane", "pca_plane", "random_direction", "random_plane", "update_plane")},
     "Probe": "landscape.probe",
     **{n: "landscape.smoothness" for n in (
         "CoordinateSamples", "L0L1Fit", "LocalSmoothness", "RobustSmoothness", "coordinate_smoothness",
         "fit_l0_l1", "fit_per_layer", "local_smoothness", "robust_smoothness")},
     **{n: "landscape.store" for n in ("Run", "RunLockedError", "RunMismatchError", "RunStore", "load_run")},
 }
-_SUBMODULES = ("optim", "references", "smoothness", "tree")
+_SUBMODULES = ("optim", "planes", "references", "smoothness", "tree")
 
 __all__ = [
     "__version__",
@@ -97,6 +114,20 @@ __all__ = [
     "fit_per_layer",
     "robust_smoothness",
     "RobustSmoothness",
+    # planes and lines (Li et al. 2018; Goodfellow et al. 2015)
+    "planes",
+    "loss_plane",
+    "loss_line",
+    "LossGrid",
+    "Plane",
+    "random_plane",
+    "random_direction",
+    "filter_normalize",
+    "update_plane",
+    "pca_plane",
+    "interpolation",
+    "measure_plane",
+    "load_plane",
     # optimizers as transforms, pseudo-updates
     "optim",
     "PseudoUpdates",

@@ -146,6 +146,12 @@ class Progress:
             self.loss = loss
         self._refresh(detail)
 
+    def start_at(self, done: int) -> None:
+        """Continue a job after ``done`` plain steps (a resumed run): they count as done, not as
+        timed work."""
+        self.done = done
+        self._last_mark = self.clock()
+
     def measuring(self, step: int, n_directions: int, phase: str = "", i: int = 0, n: int = 0) -> None:
         """A measurement at ``step`` of ``n_directions`` directions is under way (``phase`` ``i/n``):
         ``measuring 18 directions at step 120 (sharpness 4/18)``."""

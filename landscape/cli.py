@@ -2,8 +2,8 @@
 
 Commands only parse their arguments, call the library and save; the work lives in
 :mod:`landscape.plots`, :mod:`landscape.report` and friends, imported inside each command: importing
-this module imports neither torch, scipy, matplotlib nor numpy, so that ``landscape --help`` answers
-at once (a test holds it).
+this module imports neither torch, scipy nor matplotlib, so that ``landscape --help`` answers at once
+(a test holds it).
 
 Errors: bad input (a missing run folder, an unknown option, a step that was not measured, a run
 store error) prints **one line** on stderr, ``landscape <command>: error: <what and how to fix>``,
@@ -24,7 +24,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import sqlite3
 import sys
 from collections.abc import Sequence
 from enum import Enum
@@ -58,6 +61,29 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+#: Options that name where output goes.
+_OUTPUT_OPTIONS = ("--out", "-o", "--output")
+
+
+def _empty_output_option(argv: Sequence[str]) -> str | None:
+    """The output option given an empty value, if any (``--out ""`` or ``--out=``)."""
+    for i, a in enumerate(argv):
+        if a == "--":
+            break
+        if a in _OUTPUT_OPTIONS and i + 1 < len(argv) and not argv[i + 1].strip():
+            return a
+        name, eq, value = a.partition("=")
+        if eq and name in _OUTPUT_OPTIONS and not value.strip():
+            return name
+    return None
+
+
+def _os_error(e: OSError) -> str:
+    what = f"{e.filename}" if e.filename else "a file"
+    reason = e.strerror or str(e) or type(e).__name__
+    return f"cannot write {what}: {reason}" if not isinstance(e, FileNotFoundError) else f"{what}: {reason}"
+
+
 class _OneLineErrors(TyperGroup):
     """Typer group whose errors are one plain line on stderr (no usage box, no traceback).
 
@@ -73,6 +99,14 @@ class _OneLineErrors(TyperGroup):
         prog = prog_name or "landscape"
         sub = next((a for a in argv if not a.startswith("-")), None)
         where = f"{prog} {sub}" if sub in self.commands else prog
+        for stream in (sys.stdout, sys.stderr):  # a path that is not valid UTF-8 is shown escaped, not a crash
+            with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
+                stream.reconfigure(errors="backslashreplace")
+        empty = _empty_output_option(argv)
+        if empty is not None:  # Path("") is ".": it would write into the current folder
+            typer.echo(f"{where}: error: {empty} must name a path, got an empty string (it would write into the "
+                       "current folder)", err=True)
+            sys.exit(2)
         try:
             rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
         except typer.TyperException as e:
@@ -88,9 +122,15 @@ class _OneLineErrors(TyperGroup):
             typer.echo("Aborted!", err=True)
             sys.exit(1)
         except Exception as e:
-            if not isinstance(e, _user_errors()):
+            if isinstance(e, _user_errors()):
+                message = _one_line(str(e))
+            elif isinstance(e, OSError):  # the machine, not the program: a full disk, a read-only folder, a missing path
+                message = _one_line(_os_error(e))
+            elif isinstance(e, sqlite3.Error):  # the run store's database (disk full, I/O error)
+                message = f"cannot write the run store: {_one_line(str(e))}"
+            else:
                 raise
-            typer.echo(f"{where}: error: {_one_line(str(e))}", err=True)
+            typer.echo(f"{where}: error: {message}", err=True)
             sys.exit(2)
         sys.exit(rv if isinstance(rv, int) else 0)
 
@@ -195,21 +235,22 @@ def plot(
 ) -> None:
     """Write every figure the run has data for, with a one-line caption beside each.
 
-    One file per figure, its caption in NAME.txt (and in the file's metadata). Training loss, sharpness and sharpness ratio to SGD over training, loss along each update
-    direction (one panel per optimizer family), update histograms and cosine similarities (last
-    measured step), and the smoothness scatters when measured. Prints the paths written.
+    One file per figure, its caption in NAME.txt (and in the file's metadata). Training loss,
+    sharpness and sharpness ratio to SGD over training, loss along each update direction (one panel
+    per optimizer family), update histograms and cosine similarities (last measured step), and the
+    smoothness scatters when measured. Prints the paths written.
     """
     from landscape.plots import save_figures
-    from landscape.store import NoDataError, load_run
+    from landscape.store import load_run
 
-    chosen_layers = _directions(layers)
+    folder = out if out is not None else run / "figures"
     try:
-        paths = save_figures(load_run(run), out if out is not None else run / "figures", FigureFormat(fmt).value,
+        paths = save_figures(load_run(run), folder, FigureFormat(fmt).value,
                              every_step=every_step, only=[FigureName(n).value for n in only] if only else None,
-                             directions=_directions(directions), layers=chosen_layers,
+                             directions=_directions(directions), layers=_directions(layers),
                              width=FigureWidth(width).value)
-    except NoDataError:
-        raise
+    except OSError as e:
+        raise CLIError(f"cannot write figures into {folder}: {e.strerror or e}") from None
     if not paths:
         typer.echo(f"no figures written: {run} has no measurements yet", err=True)
     if as_json:
@@ -263,9 +304,7 @@ def report(
     if output is None:
         typer.echo(text, nl=False)
         return
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(text, encoding="utf-8")
-    typer.echo(str(output), err=True)
+    _write_text(output, text)
 
 
 @app.command()
@@ -323,8 +362,16 @@ def compare(
     if output is None:
         typer.echo(text, nl=False)
         return
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(text, encoding="utf-8")
+    _write_text(output, text)
+
+
+def _write_text(output: Path, text: str) -> None:
+    try:
+        if not output.parent.is_dir():
+            output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise CLIError(f"cannot write {output}: {e.strerror or e}") from None
     typer.echo(str(output), err=True)
 
 
@@ -410,11 +457,14 @@ def _run_demo(out: Path, cfg: Any, status: Any, fmt: str, threads: str, as_json:
     why = _threads(threads)
     progress = Progress("landscape demo", total=cfg.steps, measured_at=lambda i: i == 1 or i % cfg.every == 0)
     if status.kind == "unfinished":
-        progress.note(f"resuming the demo in {out} after step {status.steps_done} of {cfg.steps}")
+        progress.note(f"continuing the unfinished demo in {out} ({status.steps_done} of {cfg.steps} steps were "
+                      "trained; it resumes from its last measurement)")
     progress.note(f"training a small causal transformer on the King James Bible for {cfg.steps} steps, measuring "
                   f"every {cfg.every} steps into {out} ({why})")
 
     def on_step(step: int, loss: float, measured: int) -> None:
+        if progress.done == 0 and step > 1:  # resumed: the steps before this one are not this run's work
+            progress.start_at(step - 1)
         progress.step(step, loss)
 
     result = run_demo(out, cfg, on_step=on_step, progress=progress)
@@ -431,6 +481,8 @@ def _run_demo(out: Path, cfg: Any, status: Any, fmt: str, threads: str, as_json:
                      "summary": [{k: r[k] for k in ("direction", "median_ratio_to_sgd", "n_ratio", "n_steps")}
                                  for r in rows]})
         return
+    if result.get("resumed_from") is not None:
+        typer.echo(f"resumed after step {result['resumed_from']} (model, optimizer and data order restored)")
     typer.echo(f"trained {cfg.steps} steps in {result['seconds']:.0f} s (tracking {t['tracking']:.1f} s, "
                f"measurement {t['measurement']:.1f} s); final training loss {result['final_loss']:.3f}")
     if rows:
@@ -586,6 +638,8 @@ def main() -> None:
     """Entry point of the ``landscape`` console script."""
     app(prog_name="landscape")
 
+
+import landscape.plane_cli  # noqa: E402, F401  (registers `landscape plane`)
 
 if __name__ == "__main__":
     main()

@@ -335,4 +335,24 @@ def measure_step(
         timings["robust"] = time.perf_counter() - t0
     rows["_timings"] = [timings]  # type: ignore[list-item]
     rows["_grad"] = [{"grad": grad, "loss": loss}]  # type: ignore[list-item]
+    rows["_engine"] = [_sharpness_engine(objective, x_t, st.method)]  # type: ignore[list-item]
     return rows
+
+
+def _sharpness_engine(objective: Objective, at: Mapping[str, Tensor] | None = None, method: str = "auto") -> dict[str, str]:
+    """The engine directional sharpness uses at ``at`` with ``method``, for the run store's events.
+
+    Returns:
+        ``{"engine": "taylor" | "hvp", "message": ...}``; when ``"auto"`` falls back to Hessian-vector
+        products the message names the reason (:meth:`Objective.taylor_support`).
+    """
+    if method == "hvp":
+        return {"engine": "hvp", "message": "sharpness engine: hvp (Hessian-vector products, as asked)"}
+    reason = objective.taylor_support(at)
+    if reason is None:
+        return {"engine": "taylor", "message": "sharpness engine: taylor (the second-order Taylor sweep)"}
+    return {
+        "engine": "hvp",
+        "message": f"sharpness engine: hvp (Hessian-vector products, about twice the cost): the Taylor sweep "
+        f"cannot be used for this loss: {reason}",
+    }

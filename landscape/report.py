@@ -247,8 +247,10 @@ _TEX_ESCAPES = {
 
 
 def tex_escape(text: str) -> str:
-    """Escape LaTeX special characters in plain text (direction names, model names...)."""
-    return "".join(_TEX_ESCAPES.get(ch, ch) for ch in str(text))
+    """Escape LaTeX special characters in plain text (direction names, model names...); line breaks
+    and other whitespace runs become one space (a stored name cannot end a line, a comment or a
+    paragraph in the output)."""
+    return "".join(_TEX_ESCAPES.get(ch, ch) for ch in " ".join(str(text).split()))
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -418,8 +420,8 @@ def _smoothness_tables(run: Run, num: Callable[[Any], str]) -> list[tuple[str, l
 
 
 def _md_table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
-    def esc(cell: str) -> str:
-        return str(cell).replace("|", r"\|")
+    def esc(cell: str) -> str:  # one line per row, whatever a stored name holds
+        return " ".join(str(cell).split()).replace("|", r"\|")
 
     out = ["| " + " | ".join(map(esc, header)) + " |",
            "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"]

@@ -79,6 +79,7 @@ import numpy as np
 __all__ = [
     "DB_NAME",
     "LOCK_NAME",
+    "WriterLock",
     "SCHEMA_VERSION",
     "Column",
     "Table",
@@ -93,6 +94,7 @@ __all__ = [
     "NotARunError",
     "NoDataError",
     "RunLockedError",
+    "DamagedRunError",
 ]
 
 DB_NAME = "run.sqlite"
@@ -135,6 +137,11 @@ class RunLockedError(StoreError, RuntimeError):
     """Another writer (a probe, ``landscape analyze``...) holds the run folder."""
 
 
+class DamagedRunError(StoreError, ValueError):
+    """The run store holds a value it cannot have written (malformed JSON, a wrong type): it was
+    damaged or edited by hand."""
+
+
 # --------------------------------------------------------------------------------------------------
 # the writer lock
 
@@ -152,7 +159,7 @@ def _holder_text(info: Any, folder: Path) -> str:
     return who + since
 
 
-class _WriterLock:
+class WriterLock:
     """An exclusive advisory lock on ``folder/writer.lock`` (``fcntl.flock``; ``msvcrt`` on Windows),
     held until :meth:`release` or the process ends.
 
@@ -466,12 +473,66 @@ _TABLE_LIST: tuple[Table, ...] = (
         (
             _c("id", "INTEGER", "increasing event number", auto=True),
             _c("step", "INTEGER", "training step, if the event belongs to one", nullable=True),
-            _c("kind", "TEXT", "short category (`resume`, `skip`, `warning`...)"),
+            _c("kind", "TEXT", "short category (`resume`, `skip`, `warning`, `engine`: the sharpness engine chosen, or changed, and why...)"),
             _c("message", "TEXT", "human-readable text"),
             _c("wall", "REAL", "seconds since the run was created"),
         ),
         ("id",),
         "Log of notable events (resume, skipped measurements, warnings).",
+    ),
+    Table(
+        "planes",
+        (
+            _c("name", "TEXT", "name of the plane or line (unique in the run)"),
+            _c("kind", "TEXT", "`random` (filter-normalised, Li et al. 2018 §4), `updates` (two update directions), "
+                               "`pca` (a trajectory's PCA plane), `interpolate` (a segment between two points) "
+                               "or `custom`"),
+            _c("dims", "INTEGER", "2 for a plane f(x + α·d₁ + β·d₂), 1 for a line f(x + α·d)"),
+            _c("step", "INTEGER", "training step of the centre x, when it has one", nullable=True),
+            _c("x_label", "TEXT", "what α measures"),
+            _c("y_label", "TEXT", "what β measures (planes only)", nullable=True),
+            _c("alphas", "ARRAY", "the α grid"),
+            _c("betas", "ARRAY", "the β grid (planes only)", nullable=True),
+            _c("explained_variance", "ARRAY", "`pca`: fraction of the trajectory's variance along each axis",
+               nullable=True),
+            _c("markers", "JSON", "named points in plane coordinates, {name: [α, β]} (e.g. each update's unit "
+                                  "step, the endpoints of a segment)"),
+            _c("config", "JSON", "what defines the plane (seed, directions, a digest of the centre and the "
+                                 "directions, ...): a resumed computation must match it"),
+            _c("wall", "REAL", "seconds since the run was created"),
+        ),
+        ("name",),
+        "Loss planes and lines (Li et al. 2018; Goodfellow et al. 2015), one row each; the losses are in "
+        "`plane_losses`.",
+    ),
+    Table(
+        "plane_losses",
+        (
+            _c("name", "TEXT", "the plane (`planes.name`)"),
+            _c("objective", "TEXT", "`probe` (the probe batch) or `train` (training batches)"),
+            _c("start", "INTEGER", "flat index of the chunk's first grid point: k = i·len(betas) + j for "
+                                   "(alphas[i], betas[j]); k = i on a line"),
+            _c("loss", "ARRAY", "the loss at grid points start, start + 1, ... (committed chunk by chunk)"),
+            _c("fingerprint", "TEXT", "identifies the objective's batch and mode; resuming needs the same"),
+        ),
+        ("name", "objective", "start"),
+        "The loss on the grid of each plane, in chunks of consecutive grid points (a partly computed "
+        "grid resumes from the missing points).",
+    ),
+    Table(
+        "plane_trajectory",
+        (
+            _c("name", "TEXT", "the plane (`planes.name`)"),
+            _c("position", "INTEGER", "index of the point along the trajectory"),
+            _c("step", "INTEGER", "training step of the point, when known", nullable=True),
+            _c("label", "TEXT", "checkpoint or point name", nullable=True),
+            _c("alpha", "REAL", "coordinate along the first axis (least-squares projection onto the plane)"),
+            _c("beta", "REAL", "coordinate along the second axis (planes only)", nullable=True),
+            _c("residual", "REAL", "distance from the point to the plane (0: the point lies in it)"),
+            _c("loss", "REAL", "probe loss at the point itself", nullable=True),
+        ),
+        ("name", "position"),
+        "A trajectory (checkpoints, saved points) projected onto a plane or line.",
     ),
 )
 
@@ -533,7 +594,12 @@ def _json_default(value: Any) -> Any:
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, default=_json_default, allow_nan=True, ensure_ascii=False)
+    text = json.dumps(value, default=_json_default, allow_nan=True, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a path that is not valid UTF-8: keep it exactly, escaped
+        text = json.dumps(value, default=_json_default, allow_nan=True, ensure_ascii=True)
+    return text
 
 
 def _normalise_json(value: Any, what: str) -> Any:
@@ -568,6 +634,10 @@ def _encode(table: Table, col: Column, value: Any) -> Any:
         if kind == "TEXT":
             if not isinstance(value, str):
                 raise TypeError
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # e.g. a message naming a path that is not valid UTF-8
+                value = value.encode("utf-8", "backslashreplace").decode("utf-8")
             return value
         if kind == "JSON":
             return _dumps(value)
@@ -661,6 +731,8 @@ class RunStore:
             Reopening a run with different settings raises :class:`RunMismatchError`.
         meta: more metadata to store (see the ``meta`` table), e.g. ``{"recipes": [...],
             "model": {...}}``. On resume it overwrites the stored keys, except ``created``.
+        writer_lock: a :class:`WriterLock` on ``path`` the caller already holds (it becomes the
+            store's, released by :meth:`close`); by default the store takes its own.
 
     Every :meth:`write` is one transaction; group several writes into one atomic commit with
     :meth:`transaction`. Thread-safe (one lock). Use as a context manager or call :meth:`close`.
@@ -672,7 +744,8 @@ class RunStore:
         ...     store.write("lines", line_rows)
     """
 
-    def __init__(self, path: str | Path, *, settings: Mapping[str, Any], meta: Mapping[str, Any] | None = None):
+    def __init__(self, path: str | Path, *, settings: Mapping[str, Any], meta: Mapping[str, Any] | None = None,
+                 writer_lock: WriterLock | None = None):
         if not isinstance(settings, Mapping):
             raise TypeError(f"settings must be a dict, got {type(settings).__name__}")
         meta = dict(meta or {})
@@ -690,8 +763,11 @@ class RunStore:
         self.path.mkdir(parents=True, exist_ok=True)
         # One writer per folder, decided before the database is touched: a second writer never opens,
         # creates or half-creates it.
-        self._writer = _WriterLock(self.path)
-        self._writer.acquire()
+        if writer_lock is not None:  # taken earlier by the caller (a store created lazily), now ours
+            self._writer = writer_lock
+        else:
+            self._writer = WriterLock(self.path)
+            self._writer.acquire()
         try:
             existed = db.exists()
             conn = sqlite3.connect(str(db), timeout=30.0, isolation_level=None, check_same_thread=False)
@@ -844,6 +920,23 @@ class RunStore:
         with self.transaction():
             self._put_meta({key: value})
 
+    def truncate_after(self, step: int) -> dict[str, int]:
+        """Delete every row recorded for a step after ``step`` (all tables with a step column but the
+        ``events`` log), in one transaction: a resume that continues from ``step`` replaces them.
+
+        Returns:
+            ``{table: rows deleted}`` for the tables that lost rows.
+        """
+        out: dict[str, int] = {}
+        with self.transaction():
+            for t in _TABLE_LIST:
+                if t.name == "events" or "step" not in t.by_name or not self._has_table(t.name):
+                    continue
+                n = self._conn.execute(f'DELETE FROM "{t.name}" WHERE step > ?', (int(step),)).rowcount
+                if n:
+                    out[t.name] = n
+        return out
+
     def log_event(self, step: int | None, kind: str, message: str) -> None:
         """Append a row to the ``events`` table (``wall`` is filled in)."""
         self.write("events", {"step": step, "kind": kind, "message": message, "wall": self.elapsed()})
@@ -880,6 +973,14 @@ class RunStore:
 
 # --------------------------------------------------------------------------------------------------
 # reading
+
+
+#: The documented ``meta`` keys whose type readers rely on: (key, types, in words).
+_META_TYPES = (
+    ("settings", dict, "an object"), ("model", dict, "an object"), ("optimizer", dict, "an object"),
+    ("recipes", list, "a list"), ("trained_direction", str, "a string"), ("versions", dict, "an object"),
+    ("mode", str, "a string"), ("created", str, "a string"),
+)
 
 
 def load_run(path: str | Path) -> Run:
@@ -965,18 +1066,38 @@ class Run:
 
     # -- metadata
 
+    def _damaged(self, what: str) -> DamagedRunError:
+        return DamagedRunError(f"the run store {self.path / DB_NAME} is damaged: {what}")
+
     @property
     def meta(self) -> dict[str, Any]:
-        """Every ``meta`` entry, decoded."""
+        """Every ``meta`` entry, decoded (the documented keys checked for their types).
+
+        Raises:
+            DamagedRunError: an entry that is not valid JSON, or a documented key of the wrong type.
+        """
         if not self._exists("meta"):
             raise NotARunError(f"{self.path / DB_NAME} is not a landscape run (no meta table)")
         _, rows = self._query("SELECT key, value FROM meta ORDER BY key")
-        return {k: json.loads(v) for k, v in rows}
+        out = {}
+        for k, v in rows:
+            try:
+                out[k] = json.loads(v)
+            except (TypeError, ValueError):
+                shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
+                raise self._damaged(f"meta entry {k!r} is not valid JSON ({shown})") from None
+        for key, types, name in _META_TYPES:
+            if key in out and out[key] is not None and not isinstance(out[key], types):
+                raise self._damaged(f"meta entry {key!r} should be {name}, found {type(out[key]).__name__}")
+        for key in ("recipes",):
+            if isinstance(out.get(key), list) and not all(isinstance(x, str) for x in out[key]):
+                raise self._damaged(f"meta entry {key!r} should be a list of names")
+        return out
 
     @property
     def settings(self) -> dict[str, Any]:
         """The measurement-defining configuration the run was created with."""
-        return self.meta.get("settings", {})
+        return self.meta.get("settings") or {}
 
     @property
     def trained_direction(self) -> str | None:
@@ -1018,14 +1139,29 @@ class Run:
             names = names + missing
         return t, names, rows
 
+    def _decode(self, table: str, col: Column | None, value: Any, **kw: Any) -> Any:
+        try:
+            if col is not None and value is not None and col.kind in ("INTEGER", "BOOL") and isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
+            return _decode(col, value, **kw)
+        except (TypeError, ValueError, OverflowError):
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise self._damaged(
+                f"table {table!r}, column {col.name if col else '?'!r} holds {shown}, not {col.kind if col else '?'}"
+            ) from None
+
     def rows(self, table: str, **where: Any) -> list[dict[str, Any]]:
         """Rows of ``table`` as dicts (arrays as numpy arrays), ordered by primary key.
 
         Keyword arguments filter on equality, e.g. ``run.rows("lines", step=100)``.
+
+        Raises:
+            DamagedRunError: a stored value that does not fit its column.
         """
         t, names, rows = self._select(table, where)
         cols = [t.by_name.get(n) for n in names]
-        return [{n: _decode(c, v) for n, c, v in zip(names, cols, r)} for r in rows]
+        return [{n: self._decode(table, c, v) for n, c, v in zip(names, cols, r)} for r in rows]
 
     def columns(self, table: str, **where: Any) -> dict[str, np.ndarray]:
         """Column-wise view of :meth:`rows`: ``REAL`` as float arrays (``nan`` for missing),
@@ -1035,7 +1171,7 @@ class Run:
         out: dict[str, np.ndarray] = {}
         for j, name in enumerate(names):
             col = t.by_name.get(name)
-            values = [_decode(col, r[j], nullable_as_none=False) for r in rows]
+            values = [self._decode(table, col, r[j], nullable_as_none=False) for r in rows]
             kind = col.kind if col is not None else None
             if kind == "REAL":
                 out[name] = np.array(values, dtype=np.float64)
@@ -1067,7 +1203,7 @@ class Run:
         if not self._exists(table):
             return []
         _, rows = self._query(f'SELECT DISTINCT step FROM "{table}" WHERE step IS NOT NULL ORDER BY step')
-        return [int(s) for (s,) in rows]
+        return [self._decode(table, t.by_name["step"], s) for (s,) in rows]
 
     def has(self, table: str) -> bool:
         """Whether ``table`` has at least one row."""

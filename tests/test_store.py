@@ -54,6 +54,7 @@ def test_tables_declare_the_documented_schema():
         "meta": ("key",), "steps": ("step",), "sharpness": ("step", "direction"), "lines": ("step", "direction"),
         "histograms": ("step", "direction"), "cosine": ("step", "a", "b"), "smoothness": ("step",),
         "coord_smoothness": ("step", "layer"), "robust": ("step",), "events": ("id",),
+        "planes": ("name",), "plane_losses": ("name", "objective", "start"), "plane_trajectory": ("name", "position"),
     }
     assert {name: t.primary_key for name, t in TABLES.items()} == expected_pk
     sharp = TABLES["sharpness"].by_name
@@ -418,9 +419,12 @@ def test_sigkilled_writer_leaves_every_committed_row_readable(tmp_path):
 # -- one writer per run folder ---------------------------------------------------------------------
 
 HOLDER = textwrap.dedent("""
-    import sys, time
+    import importlib.util, sys, time
     from pathlib import Path
-    from landscape.store import RunStore, RunLockedError
+    spec = importlib.util.spec_from_file_location("store", sys.argv[4])  # the store alone: no torch import
+    store_module = sys.modules["store"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(store_module)
+    RunStore, RunLockedError = store_module.RunStore, store_module.RunLockedError
     folder, go, hold = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
     print("ready", flush=True)
     while not go.exists():  # start together (a creation race)
@@ -440,7 +444,8 @@ HOLDER = textwrap.dedent("""
 def _holders(tmp_path, n, hold):
     folder, go = tmp_path / "run", tmp_path / "go"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), str(go), str(hold)],
+    procs = [subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), str(go), str(hold),
+                               str(ROOT / "landscape" / "store.py")],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(n)]
     return folder, go, procs
 
