@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -40,7 +41,7 @@ def spec():
     return model, lm_loss, probe_batch, [corpus.batch(16, CONTEXT, gen) for _ in range(20)]
 
 
-def make_checkpoints(folder: Path, steps: int = 40, every: int = 8) -> list[Path]:
+def make_checkpoints(folder: Path, steps: int = 16, every: int = 8) -> list[Path]:
     corpus = CharCorpus(kjv_text()[:300_000])
     torch.manual_seed(0)
     model = TinyCausalLM(corpus.vocab, width=64, depth=2, heads=4, context=CONTEXT)
@@ -76,6 +77,7 @@ def main() -> None:
     ap.add_argument("--demo-every", type=int, default=20)
     args = ap.parse_args()
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a timeout's SIGTERM still stops the busy loops
     try:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
@@ -103,7 +105,7 @@ def main() -> None:
                 load = os.getloadavg()[0]
                 print(f"{name:8s} time({args.threads} threads) / time(1 thread): "
                       + ", ".join(f"{r:.2f}" for r in ratios) + f"  median {statistics.median(ratios):.2f}"
-                      + f"  (load average {load:.1f} on {os.cpu_count()} CPUs, {args.load} busy process(es) added)")
+                      + f"  (load average {load:.1f} on {os.cpu_count()} CPUs, {args.load} busy process(es) added)", flush=True)
     finally:
         for p in busy:
             p.kill()

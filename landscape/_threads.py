@@ -2,9 +2,9 @@
 
 Torch starts one thread per physical core. On a machine other jobs also use, those threads wait
 for each other at every parallel region (OpenMP barriers spin, then sleep) and a small model's work
-is split finer than it gains: on a loaded 2-core machine, 2 threads made the demo about 2-3× and
-``landscape analyze`` up to 10× slower than 1 thread (``benchmarks/threads.py`` measures it). On an
-idle machine more threads help larger models.
+is split finer than it gains: on a 2-core machine with a load average of 4 to 7 from other jobs,
+2 threads made the demo 1.4× to 11× and ``landscape analyze`` 19× slower than 1 thread
+(``benchmarks/threads.py``). On an idle machine more threads help larger models.
 
 ``--threads auto`` (the default of ``landscape demo`` and ``landscape analyze``) therefore uses the
 cores that are idle now: the CPUs this process may use (affinity, cgroup quota) minus the 1-minute

@@ -454,6 +454,7 @@ def _run_demo(out: Path, cfg: Any, status: Any, fmt: str, threads: str, as_json:
     from landscape.report import ratio_exclusions, summary
     from landscape.store import load_run
 
+    out.mkdir(parents=True, exist_ok=True)  # an unwritable place fails here, in one line, before any output
     why = _threads(threads)
     progress = Progress("landscape demo", total=cfg.steps, measured_at=lambda i: i == 1 or i % cfg.every == 0)
     if status.kind == "unfinished":

@@ -186,6 +186,9 @@ def _legend(ax: Axes, n: int, *, outside: bool | None = None, **kw: Any) -> None
         outside = n > 8
     if not outside:
         ax.legend(loc=kw.pop("loc", "best"), handlelength=2.2, **kw)
+    elif ax.figure.get_figwidth() < 4.5:  # one paper column: below the axes, in two columns
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), borderaxespad=0.0, handlelength=2.2, ncol=2,
+                  **kw)
     else:
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, handlelength=2.2,
                   ncol=1 if n <= 16 else 2, **kw)
@@ -521,7 +524,7 @@ def landscape_line_panels(
     for i, (ax, (fam, fam_names)) in enumerate(zip(axes, families)):
         wanted = [m for d in fam_names for m in members.get(d, (d,))]
         landscape_lines(run, step, ax=ax, directions=wanted, relative=relative, clip_y=False, x=x, merge=merge,
-                        title=dirs.family_label(fam), explain=(i == 0), legend=False)
+                        title=dirs.family_label(fam), explain=False, legend=False)
         used.append(ax)
     if sharey:
         ranges = [r for r in (_y_range(ax) for ax in used) if r is not None]
@@ -537,15 +540,24 @@ def landscape_line_panels(
     else:
         for ax in used:
             _clip_lines(ax)
+    narrow = fig.get_figwidth() < 4.5
     for i, ax in enumerate(used):
         handles = [h for h in ax.lines if not h.get_label().startswith("_")]
-        ax.legend(handles=handles, loc="best", handlelength=2.2, fontsize=5.5)
+        ax.legend(handles=handles, loc="best", handlelength=1.6 if narrow else 2.2, fontsize=5 if narrow else 5.5,
+                  borderaxespad=0.3, labelspacing=0.3)
         if i % ncols:
             ax.set_ylabel("")
         if i < len(used) - ncols:
             ax.set_xlabel("")
         elif x == "s":
             ax.set_xlabel(r"step size $s$")
+    from matplotlib.lines import Line2D
+
+    markers = [Line2D([], [], marker="o", markersize=4.5, linestyle="none", color="0.6", markeredgecolor="black",
+                      markeredgewidth=0.6),
+               Line2D([], [], marker="o", markersize=1.3, linestyle="-", linewidth=0.8, color="0.35")]
+    fig.legend(markers, [_BEST_LABEL, "measured points (joined smoothly)"], loc="outside lower center",
+               ncol=2, fontsize=6, handlelength=1.8)
     fig.suptitle(f"loss along each update direction, step {step}", fontsize=8)
     return used
 
@@ -826,8 +838,10 @@ def cosine_heatmap(run: Run, step: int | None = None, ax: Axes | None = None,
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    if annotate:
-        size = 6 if n <= 10 else 5 if n <= 16 else 4
+    # cell size in points, estimated from the figure (tick labels and the colour bar take about 1.6 in)
+    cell = max(ax.figure.get_figwidth() - 1.6, 0.5) / max(n - 1, 1) * 72
+    size = min(6.0, cell / 2.3)
+    if annotate and size >= 3.5:  # smaller is unreadable: the colours alone then
         import matplotlib as mpl
 
         colormap = mpl.colormaps[cmap]
@@ -837,12 +851,20 @@ def cosine_heatmap(run: Run, step: int | None = None, ax: Axes | None = None,
                 if np.isfinite(v):
                     r, g, b, _ = colormap((v - lo) / (1.0 - lo))
                     dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=size,
+                    ax.text(j, i, _short_cosine(v), ha="center", va="center", fontsize=size,
                             color="white" if dark else "black")
     if colorbar:
         ax.figure.colorbar(image, ax=ax, label="cosine similarity", shrink=0.8)
     ax.set_title(f"step {step}")
     return ax
+
+
+def _short_cosine(v: float) -> str:
+    """Two decimals without the leading zero (``.55``, ``−.12``, ``1``), as heatmap cells print them."""
+    text = f"{v:.2f}"
+    if text in ("1.00", "-1.00"):
+        return text[:-3].replace("-", "−")
+    return text.replace("0.", ".", 1).replace("-", "−")
 
 
 # -- training loss ---------------------------------------------------------------------------------
@@ -1262,14 +1284,14 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "x"
 
 
-def _save(fig: Any, path: Path, fmt: str, caption: str = "") -> Path:
+def _save(fig: Any, path: Path, fmt: str, caption: str = "", dpi: float | None = None) -> Path:
     title = path.stem.replace("_", " ")
     metadata = {  # reproducible files (no dates), the caption where the format has a field for it
         "pdf": {"CreationDate": None, "Title": title, "Subject": caption, "Creator": "landscape"},
         "svg": {"Date": None, "Title": title, "Description": caption, "Creator": "landscape"},
         "png": {"Title": title, "Description": caption, "Software": "landscape"},
     }[fmt]
-    fig.savefig(path, format=fmt, metadata=metadata)
+    fig.savefig(path, format=fmt, metadata=metadata, **({"dpi": dpi} if dpi else {}))
     return path
 
 
@@ -1287,7 +1309,7 @@ _SIZES: dict[str, dict[str, tuple[str, float]]] = {
 def save_figures(run: Run, out_dir: str | Path, fmt: str = "png", *, every_step: bool = False,
                  only: Sequence[str] | None = None, directions: str | Sequence[str] | None = None,
                  layers: str | Sequence[str] | None = None, width: str = "double",
-                 captions: bool = True) -> list[Path]:
+                 captions: bool = True, dpi: float | None = None) -> list[Path]:
     """Write every figure the run has data for into ``out_dir`` (created), in paper style.
 
     Files (``<name>.<fmt>``): ``training_loss``, ``sharpness_over_time``, ``sharpness_ratio``,
@@ -1313,6 +1335,7 @@ def save_figures(run: Run, out_dir: str | Path, fmt: str = "png", *, every_step:
         width: ``"double"`` (default: wide figures span the text width of a two-column paper) or
             ``"single"`` (every figure fits one column).
         captions: write the ``.txt`` caption files.
+        dpi: resolution of PNG files (default: 300).
 
     Returns:
         The figure paths written, in the order above.
@@ -1386,7 +1409,7 @@ def save_figures(run: Run, out_dir: str | Path, fmt: str = "png", *, every_step:
             except NoDataError:
                 continue
             caption = figure_caption(run, name, step, directions=d) if captions else ""
-            path = _save(fig, out / f"{_safe(name)}.{fmt}", fmt, caption)
+            path = _save(fig, out / f"{_safe(name)}.{fmt}", fmt, caption, dpi)
             if captions:
                 path.with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
             written.append(path)

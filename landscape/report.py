@@ -680,7 +680,8 @@ def _equivalence_text(run: Run, steps: Sequence[int] | None) -> str:
     for g in groups:
         gap = 1 - g.min_cosine
         cos = f"1 − {gap:.0e}" if gap > 0 else "1"
-        parts.append(f"{g.label} (cosine ≥ {cos}, sharpness within {100 * g.max_rel_diff:.2g}%)")
+        same = "the same sharpness" if g.max_rel_diff < 1e-4 else f"sharpness within {100 * g.max_rel_diff:.2g}%"
+        parts.append(f"{g.label} (cosine ≥ {cos}, {same})")
     return ("Directions that are the same up to a positive factor at every measured step, named once in the "
             "figures: " + "; ".join(parts) + ".")
 
