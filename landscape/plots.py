@@ -521,7 +521,7 @@ def landscape_line_panels(
         ax.set_visible(False)
     members = {e.name: e.members for e in entries}
     used = []
-    for i, (ax, (fam, fam_names)) in enumerate(zip(axes, families)):
+    for ax, (fam, fam_names) in zip(axes, families):
         wanted = [m for d in fam_names for m in members.get(d, (d,))]
         landscape_lines(run, step, ax=ax, directions=wanted, relative=relative, clip_y=False, x=x, merge=merge,
                         title=dirs.family_label(fam), explain=False, legend=False)
