@@ -579,8 +579,8 @@ def analyze(
     into OUT, readable by `landscape plot` and `landscape report`. Momenta
     built from sparse checkpoints approximate the per-step ones (see
     docs/analyze.md). Re-running the same command resumes: measured
-    checkpoints are skipped. Says what it is doing on stderr (a status line
-    in a terminal, a line per measurement elsewhere).
+    checkpoints are skipped. Shows its progress on stderr (a status line in
+    a terminal, a line per measurement elsewhere).
     """
     from landscape._progress import Progress
     from landscape.analyze import SpecError

@@ -73,6 +73,8 @@ __all__ = [
     "coordinate_smoothness_grid",
     "default_layers",
     "layer_kind",
+    "LAYER_KINDS",
+    "smooth_curve",
     "compare_ratios",
     "figure_caption",
     "save_figures",
