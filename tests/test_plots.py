@@ -460,7 +460,9 @@ def test_coordinate_grid_takes_layers_and_shares_one_colour_bar(synthetic_run):
     run = synthetic_run
     fig = plt.figure(figsize=(6.8, 3))
     axes = lp.coordinate_smoothness_grid(run, fig)
-    assert [ax.get_title() for ax in axes] == ["embedding: embed.weight", "attention: blocks.0.attn.qkv.weight"]
+    assert [ax.get_title().split("\n")[0] for ax in axes] == ["embedding: embed.weight",
+                                                               "attention: blocks.0.attn.qkv.weight"]
+    assert all("$L_0$ = " in ax.get_title() for ax in axes)  # the fitted numbers under the layer's name
     assert all(not ax.get_legend() for ax in axes) and len(fig.legends) == 1  # one explanation for all
     assert len(lp.coordinate_smoothness_grid(run, plt.figure(), layers=["blocks.*"])) == 1
     with pytest.raises(NoDataError, match="layer.*'nope' not in run"):

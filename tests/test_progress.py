@@ -15,7 +15,16 @@ from landscape.measure import MeasureSettings
 from landscape.models import TinyCausalLM, lm_loss
 from landscape.probe import Probe
 
-FAST = MeasureSettings(line_points=4, line_min_before=2, line_max_points=8, coord_per_layer=2, hist_bins=8)
+FAST = MeasureSettings(line_points=4, line_min_before=2, line_max_points=8, coord_per_layer=2, hist_bins=8, method="hvp")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Two torch threads on a shared 2-core machine are much slower than one (see benchmarks/threads.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class Clock:
