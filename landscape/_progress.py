@@ -11,8 +11,9 @@ starts, and the notes (``writing figures``)::
 
 The time left is a cost model, not a recent speed: the remaining plain steps (training steps, or
 checkpoints read) times their mean duration, plus the remaining measurements times the mean
-duration of a measurement (the first one, which also records the loss for the Taylor sweep, counts
-only until a second is known). A measurement costs as much as hundreds of training steps, so a
+duration of a measurement (the first step and the first measurement, which also pay one-off costs
+such as loading the data and recording the loss for the Taylor sweep, count only until others are
+known). A measurement costs as much as hundreds of training steps, so a
 speed-based estimate jumps by that factor each time one starts; this one does not.
 """
 
@@ -70,6 +71,7 @@ class Progress:
         self._last_mark = self.start  # end of the last plain step or measurement
         self._work_time = 0.0
         self._work_n = 0
+        self._first_work: tuple[float, int] | None = None
         self._meas_times: list[float] = []
         self._meas_start: float | None = None
         self._meas_label = ""
@@ -140,6 +142,8 @@ class Progress:
         if done > self.done:
             self._work_time += now - self._last_mark
             self._work_n += done - self.done
+            if self._first_work is None:  # the first one also pays for the start (data, model, imports)
+                self._first_work = (self._work_time, self._work_n)
         self._last_mark = now
         self.done = max(self.done, done)
         if loss is not None:
@@ -213,8 +217,14 @@ class Progress:
         return sum(times) / len(times) if times else None
 
     def mean_step(self) -> float | None:
-        """Seconds per plain step, measurements excluded."""
-        return self._work_time / self._work_n if self._work_n else None
+        """Seconds per plain step, measurements excluded; the first step (it also pays for the
+        start) left out once there are others."""
+        if not self._work_n:
+            return None
+        if self._first_work is not None and self._work_n > self._first_work[1]:
+            t0, n0 = self._first_work
+            return (self._work_time - t0) / (self._work_n - n0)
+        return self._work_time / self._work_n
 
     def eta(self) -> float | None:
         """Seconds left: remaining plain steps × their mean + remaining measurements × theirs (the

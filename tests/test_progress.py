@@ -160,3 +160,15 @@ def test_the_optimizer_class_when_the_keys_cannot_tell():
     assert optimizer_class_from_state(old_adam) == "Adam or AdamW"  # a torch without decoupled_weight_decay
     assert optimizer_class_from_state({"lr": 1.0, "my_knob": 3}) is None
     assert optimizer_class_from_state({}) is None
+
+
+def test_the_start_up_time_does_not_count_as_a_step():
+    clock = Clock()
+    p = Progress("x", total=100, measured_at=lambda i: False, stream=io.StringIO(), tty=False, clock=clock)
+    clock.t = 5.0  # loading data, building the model
+    p.step(1)
+    assert p.eta() == pytest.approx(99 * 5.0)  # one step known: all we can say
+    for i in range(2, 11):
+        clock.t += 0.1
+        p.step(i)
+    assert p.eta() == pytest.approx(90 * 0.1)  # the steps since: 0.1 s each
