@@ -3,9 +3,14 @@ realistic synthetic run (see ``tests/_synthetic.py``)."""
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 from pathlib import Path
+
+# One OpenMP thread for the whole suite (and the processes it starts): its models are tiny, and two
+# threads on a shared 2-core machine are 3-10x slower than one. Read by torch when it is first imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import matplotlib
 
