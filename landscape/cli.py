@@ -214,6 +214,11 @@ class DemoOptimizer(str, Enum):
     sgd = "sgd"
 
 
+class DemoTask(str, Enum):
+    lm = "lm"
+    cnn = "cnn"
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", file_okay=False, help="Run folder (resumed if it exists with the same settings).")] = Path("runs/demo"),
@@ -222,6 +227,14 @@ def demo(
     optimizer: Annotated[DemoOptimizer, typer.Option("--optimizer", help="The optimizer that trains the model.")] = DemoOptimizer.adam,
     seed: Annotated[int, typer.Option("--seed", help="Seeds the model, the batches and the probe batch.")] = 0,
     fmt: Annotated[FigureFormat, typer.Option("--format", "-f", help="Figure format.")] = "png",
+    task: Annotated[DemoTask, typer.Option(
+        "--task", help="lm: the transformer LM; cnn: a small ResNet on scikit-learn's digits images, trained by "
+                       "SGD with momentum (seed 002 App. E's contrast; --optimizer does not apply; default --out "
+                       "runs/demo_cnn).")] = DemoTask.lm,
+    race: Annotated[bool, typer.Option(
+        "--race", help="Instead, race sgd, sgd_clip, adam, adam_clip on the demo's text (seed 002 Fig. 6): each "
+                       "at its best learning rate of 3, over 3 seeds from --seed (default --out runs/demo_race).")
+    ] = False,
 ) -> None:
     """Train a small causal transformer LM on the King James Bible with the probe attached, then
     write figures (OUT/figures) and a report (OUT/report.md).
@@ -230,6 +243,12 @@ def demo(
     direction's sharpness, landscape line, histogram and the local smoothness are measured on a
     fixed probe batch. Finishes in a few minutes on 2 CPU cores with the defaults.
     """
+    if race or task != DemoTask.lm:  # the other demos (landscape/cli_experiments.py)
+        from landscape.cli_experiments import other_demo
+
+        other_demo(out, steps=steps, every=every, seed=seed, fmt=FigureFormat(fmt).value, race=race,
+                   task=DemoTask(task).value)
+        return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from landscape.demo import DemoConfig, run_demo
@@ -393,3 +412,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+# Commands defined in other modules (they register on `app` when imported).
+import landscape.cli_experiments  # noqa: E402,F401

@@ -632,4 +632,8 @@ def report(run: Run, fmt: str = "md", *, steps: Sequence[int] | None = None) -> 
     if fmt not in makers:
         raise ValueError(f"fmt must be one of {', '.join(REPORT_FORMATS)}, got {fmt!r}")
     with run.snapshot():  # one consistent state even while the run is still writing
+        if run.has("race_runs"):  # an optimizer race (landscape race) has tables of its own
+            from landscape.race import race_report
+
+            return race_report(run, fmt)
         return makers[fmt](run, steps)
