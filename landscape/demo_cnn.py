@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,11 +120,16 @@ def run_cnn_demo(
     *,
     on_step: Callable[[int, float, int], None] | None = None,
     settings: MeasureSettings | None = None,
+    recipes: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Train :class:`SmallResNet` on the digits by SGD with momentum with the probe attached (see the
     module docstring); returns ``{"out", "steps", "final_loss", "seconds", "timings", "resumed_from",
     "probe_accuracy"}``, the same summary as :func:`landscape.demo.run_demo` plus the accuracy on the
     held-out probe images after training. An interrupted run resumes on the same trajectory.
+
+    ``settings`` default to the probe's with Hessian-vector products (``method="hvp"``): the Taylor
+    sweep has no rule for train-mode BatchNorm, so ``"auto"`` would fall back to them anyway (and warn).
+    ``recipes``: the pseudo-update recipes (default: all).
     """
     cfg = cfg or CNNDemoConfig()
     if cfg.steps < 1 or cfg.every < 1:
@@ -157,9 +163,12 @@ def run_cnn_demo(
                      **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}}}
     t0 = time.perf_counter()
     loss = float("nan")
+    settings = settings or MeasureSettings(method="hvp")
     with Probe(model, classification_loss, probe_batch, out=out, every=cfg.every, settings=settings, meta=meta,
-               mode="train", extra_state=training_state) as probe:
-        probe.attach(opt)
+               mode="train", extra_state=training_state, recipes=recipes) as probe:
+        with warnings.catch_warnings():  # the demo restores SGD's state with the probe's: the same step by design
+            warnings.filterwarnings("ignore", message=".*keeps no step count.*")
+            probe.attach(opt)
         model.train()
         for _ in range(probe.step, cfg.steps):
             idx = torch.randint(0, len(y_train), (cfg.batch_size,), generator=gen)

@@ -238,8 +238,12 @@ def _summary_writer(folder: Path) -> Any:
 class WandbSink(Sink):
     """``run.log`` on a Weights & Biases run: the measurement's scalars, its histograms as
     ``wandb.Histogram``, and ``landscape/step``, declared (``define_metric``) as the x-axis of every
-    ``landscape/*`` metric. The log call passes no ``step=``, so it never conflicts with the steps the
-    training loop logs with.
+    ``landscape/*`` metric.
+
+    The values join the run's current history row (``commit=False``, no ``step=``), so they never
+    conflict with the steps the training loop logs with (wandb drops a log whose step is behind the
+    run's): the loop's next log commits them. When nothing committed that row before the next
+    measurement (a loop that logs rarely, or not at all), the sink commits it first.
 
     Args:
         run: the run (default: ``wandb.run``, the active one, at the first write).
@@ -250,6 +254,7 @@ class WandbSink(Sink):
     def __init__(self, run: Any = None) -> None:
         self._run = run
         self._defined = False
+        self._pending: int | None = None  # the run's step our last values are waiting at
 
     def _get(self) -> Any:
         if self._run is None:
@@ -272,7 +277,10 @@ class WandbSink(Sink):
 
             for tag, (edges, counts) in histograms.items():
                 data[tag] = wandb.Histogram(np_histogram=(np.asarray(counts), np.asarray(edges)))
-        run.log(data)
+        if self._pending is not None and run.step == self._pending:  # our last values are still uncommitted
+            run.log({}, commit=True)
+        run.log(data, commit=False)
+        self._pending = run.step
 
 
 class MLflowSink(Sink):
