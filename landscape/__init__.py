@@ -16,7 +16,7 @@ Example:
     True
 """
 
-from landscape import optim, smoothness, tree
+from landscape import optim, planes, smoothness, tree
 from landscape._version import __version__
 from landscape.curvature import (
     Sharpness,
@@ -30,6 +30,20 @@ from landscape.curvature import (
 from landscape.measure import MeasureSettings, measure_step
 from landscape.objective import DeterminismError, MicroBatches, NonFiniteError, Objective
 from landscape.optim import PseudoUpdates
+from landscape.planes import (
+    LossGrid,
+    Plane,
+    filter_normalize,
+    interpolation,
+    load_plane,
+    loss_line,
+    loss_plane,
+    measure_plane,
+    pca_plane,
+    random_direction,
+    random_plane,
+    update_plane,
+)
 from landscape.probe import Probe
 from landscape.smoothness import (
     CoordinateSamples,
@@ -70,6 +84,20 @@ __all__ = [
     "fit_per_layer",
     "robust_smoothness",
     "RobustSmoothness",
+    # planes and lines (Li et al. 2018; Goodfellow et al. 2015)
+    "planes",
+    "loss_plane",
+    "loss_line",
+    "LossGrid",
+    "Plane",
+    "random_plane",
+    "random_direction",
+    "filter_normalize",
+    "update_plane",
+    "pca_plane",
+    "interpolation",
+    "measure_plane",
+    "load_plane",
     # optimizers as transforms, pseudo-updates
     "optim",
     "PseudoUpdates",

@@ -410,6 +410,8 @@ def main() -> None:
     app(prog_name="landscape")
 
 
+import landscape.plane_cli  # noqa: E402, F401  (registers `landscape plane`)
+
 if __name__ == "__main__":
     main()
 

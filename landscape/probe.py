@@ -185,6 +185,11 @@ class Probe:
             file as the recipe states (and so for the same step), e.g. the model's and optimizer's
             ``state_dict()`` and a data generator's state; :func:`saved_state` reads it back before a
             resume, and :attr:`restored_extra_state` holds it after one.
+        save_points: steps whose point ``x_t`` (the model's state before the step) is kept in
+            ``out/points/`` with the update directions there (:mod:`landscape.points`), for
+            ``landscape plane``: an iterable of steps or a predicate ``step -> bool``. Default: none.
+        save_directions: which directions a saved point keeps: ``True`` (every recipe and the
+            trained step), ``False`` (none: parameters only, e.g. for a PCA trajectory) or names.
         sinks: experiment trackers that also receive each measurement's scalars and histograms once
             its rows are committed: TensorBoard ``SummaryWriter`` objects, ``wandb`` runs, MLflow runs, functions (see
             :mod:`landscape.sinks` for the tags). A sink that fails is switched off alone.
@@ -217,10 +222,14 @@ class Probe:
         meta: Mapping[str, Any] | None = None,
         check_determinism: bool = True,
         extra_state: Callable[[], Any] | None = None,
+        save_points: Iterable[int] | Callable[[int], bool] | None = None,
+        save_directions: bool | Iterable[str] = True,
         sinks: Iterable[Any] | None = None,
     ) -> None:
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
+        self._keep = _keep_rule(save_points)
+        self._keep_directions = save_directions if isinstance(save_directions, bool) else list(save_directions)
         self.model = model
         self.loss_fn = loss_fn
         self.every = every
@@ -546,7 +555,8 @@ class Probe:
             return
         row["grad_norm"] = gnorm
         due = self.step == 1 or self.step % self.every == 0
-        self._pending = {"row": row, "x_t": self._snapshot() if due else None}
+        keep = self._keep(self.step)
+        self._pending = {"row": row, "x_t": self._snapshot() if due or keep else None, "due": due, "keep": keep}
         self.timings["tracking"] += time.perf_counter() - t0
 
     def _snapshot(self) -> dict[str, Tensor]:
@@ -559,6 +569,10 @@ class Probe:
             return
         self._record_step(pending["row"])
         if pending["x_t"] is None:
+            return
+        if pending["keep"]:
+            self._keep_point(pending["row"]["step"], pending["x_t"])
+        if not pending["due"]:
             return
         t0 = time.perf_counter()
         step = pending["row"]["step"]
@@ -669,6 +683,29 @@ class Probe:
             raise ValueError("load_state_dict needs the dict Probe.state_dict() returned")
         self._loaded_state = state
 
+    def _keep_point(self, step: int, x_t: dict[str, Tensor]) -> None:
+        """Save ``x_t`` (and the directions there) to ``out/points/`` (save_points=)."""
+        from landscape.points import save_point, state_at
+
+        assert self._pseudo is not None and self._store is not None
+        dirs: dict[str, dict[str, Tensor]] = {}
+        if self._keep_directions is not False:
+            dirs = self._pseudo.directions()
+            real = tree.sub(x_t, self._snapshot())
+            if float(tree.norm(real)) > 0:
+                dirs[self.trained_name] = real
+            if self._keep_directions is not True:
+                dirs = {n: dirs[n] for n in self._keep_directions if n in dirs}
+        try:
+            path = save_point(self.out, step, state_at(self.model, x_t), dirs,
+                              meta={"trained_direction": self.trained_name, "measured": list(self.objective.names)})
+        except OSError as e:
+            self._store.log_event(step, "warning", f"could not save the point of step {step}: {e}")
+            warnings.warn(f"landscape probe: could not save the point of step {step}: {e}", stacklevel=3)
+            return
+        self._store.log_event(step, "point", f"saved {path.name} ({len(dirs)} directions)")
+
+
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
         """Finish a pending manual-form step, detach the hooks, commit the last steps (and the recipe
@@ -695,6 +732,19 @@ class Probe:
 
     def __repr__(self) -> str:
         return f"Probe(out={str(self.out)!r}, every={self.every}, recipes={len(self.recipes)}, step={self.step})"
+
+
+def _keep_rule(save_points: Iterable[int] | Callable[[int], bool] | None) -> Callable[[int], bool]:
+    if save_points is None:
+        return lambda step: False
+    if callable(save_points):
+        return lambda step: bool(save_points(step))
+    steps = set()
+    for s in save_points:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+            raise ValueError(f"save_points must hold positive step numbers (the probe counts from 1), got {s!r}")
+        steps.add(s)
+    return steps.__contains__
 
 
 def _isfinite(x: float | None) -> bool:

@@ -481,6 +481,60 @@ _TABLE_LIST: tuple[Table, ...] = (
         "Log of notable events (resume, skipped measurements, warnings).",
     ),
     Table(
+        "planes",
+        (
+            _c("name", "TEXT", "name of the plane or line (unique in the run)"),
+            _c("kind", "TEXT", "`random` (filter-normalised, Li et al. 2018 §4), `updates` (two update directions), "
+                               "`pca` (a trajectory's PCA plane), `interpolate` (a segment between two points) "
+                               "or `custom`"),
+            _c("dims", "INTEGER", "2 for a plane f(x + α·d₁ + β·d₂), 1 for a line f(x + α·d)"),
+            _c("step", "INTEGER", "training step of the centre x, when it has one", nullable=True),
+            _c("x_label", "TEXT", "what α measures"),
+            _c("y_label", "TEXT", "what β measures (planes only)", nullable=True),
+            _c("alphas", "ARRAY", "the α grid"),
+            _c("betas", "ARRAY", "the β grid (planes only)", nullable=True),
+            _c("explained_variance", "ARRAY", "`pca`: fraction of the trajectory's variance along each axis",
+               nullable=True),
+            _c("markers", "JSON", "named points in plane coordinates, {name: [α, β]} (e.g. each update's unit "
+                                  "step, the endpoints of a segment)"),
+            _c("config", "JSON", "what defines the plane (seed, directions, a digest of the centre and the "
+                                 "directions, ...): a resumed computation must match it"),
+            _c("wall", "REAL", "seconds since the run was created"),
+        ),
+        ("name",),
+        "Loss planes and lines (Li et al. 2018; Goodfellow et al. 2015), one row each; the losses are in "
+        "`plane_losses`.",
+    ),
+    Table(
+        "plane_losses",
+        (
+            _c("name", "TEXT", "the plane (`planes.name`)"),
+            _c("objective", "TEXT", "`probe` (the probe batch) or `train` (training batches)"),
+            _c("start", "INTEGER", "flat index of the chunk's first grid point: k = i·len(betas) + j for "
+                                   "(alphas[i], betas[j]); k = i on a line"),
+            _c("loss", "ARRAY", "the loss at grid points start, start + 1, ... (committed chunk by chunk)"),
+            _c("fingerprint", "TEXT", "identifies the objective's batch and mode; resuming needs the same"),
+        ),
+        ("name", "objective", "start"),
+        "The loss on the grid of each plane, in chunks of consecutive grid points (a partly computed "
+        "grid resumes from the missing points).",
+    ),
+    Table(
+        "plane_trajectory",
+        (
+            _c("name", "TEXT", "the plane (`planes.name`)"),
+            _c("position", "INTEGER", "index of the point along the trajectory"),
+            _c("step", "INTEGER", "training step of the point, when known", nullable=True),
+            _c("label", "TEXT", "checkpoint or point name", nullable=True),
+            _c("alpha", "REAL", "coordinate along the first axis (least-squares projection onto the plane)"),
+            _c("beta", "REAL", "coordinate along the second axis (planes only)", nullable=True),
+            _c("residual", "REAL", "distance from the point to the plane (0: the point lies in it)"),
+            _c("loss", "REAL", "probe loss at the point itself", nullable=True),
+        ),
+        ("name", "position"),
+        "A trajectory (checkpoints, saved points) projected onto a plane or line.",
+    ),
+    Table(
         "race_runs",
         (
             _c("recipe", "TEXT", "the recipe that trained (`landscape recipes`)"),

@@ -54,6 +54,7 @@ def test_tables_declare_the_documented_schema():
         "meta": ("key",), "steps": ("step",), "sharpness": ("step", "direction"), "lines": ("step", "direction"),
         "histograms": ("step", "direction"), "cosine": ("step", "a", "b"), "smoothness": ("step",),
         "coord_smoothness": ("step", "layer"), "robust": ("step",), "events": ("id",),
+        "planes": ("name",), "plane_losses": ("name", "objective", "start"), "plane_trajectory": ("name", "position"),
     }
     assert {name: t.primary_key for name, t in TABLES.items()} == expected_pk
     sharp = TABLES["sharpness"].by_name
