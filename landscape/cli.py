@@ -410,10 +410,8 @@ def main() -> None:
     app(prog_name="landscape")
 
 
+import landscape.cli_experiments  # noqa: E402, F401  (registers `landscape race`, `landscape export`)
 import landscape.plane_cli  # noqa: E402, F401  (registers `landscape plane`)
 
 if __name__ == "__main__":
     main()
-
-# Commands defined in other modules (they register on `app` when imported).
-import landscape.cli_experiments  # noqa: E402,F401
