@@ -45,6 +45,7 @@ from landscape.planes import (
     update_plane,
 )
 from landscape.probe import Probe
+from landscape.sinks import MLflowSink, Sink, TensorBoardSink, WandbSink, export_tensorboard
 from landscape.smoothness import (
     CoordinateSamples,
     L0L1Fit,
@@ -110,6 +111,12 @@ __all__ = [
     "RunMismatchError",
     "RunLockedError",
     "load_run",
+    # experiment trackers (landscape.sinks; the optimizer race is landscape.race.race)
+    "Sink",
+    "TensorBoardSink",
+    "WandbSink",
+    "MLflowSink",
+    "export_tensorboard",
     # helpers
     "tree",
 ]
