@@ -233,7 +233,7 @@ def demo(
                        "runs/demo_cnn).")] = DemoTask.lm,
     race: Annotated[bool, typer.Option(
         "--race", help="Instead, race sgd, sgd_clip, adam, adam_clip on the demo's text (seed 002 Fig. 6): each "
-                       "at its best learning rate of 3, over 3 seeds from --seed (default --out runs/demo_race).")
+                       "at its best learning rate of 3 or 4, over 3 seeds from --seed (default --out runs/demo_race).")
     ] = False,
 ) -> None:
     """Train a small causal transformer LM on the King James Bible with the probe attached, then

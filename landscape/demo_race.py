@@ -2,7 +2,7 @@
 
 A small causal transformer LM (2 layers, width 64, context 64) is trained on the King James Bible
 (character level, the text of ``landscape demo``) by SGD, SGD with coordinate-wise clipping, Adam and
-Adam with clipping, each at its best learning rate from a 3-point grid, from the same initialisation
+Adam with clipping, each at its best learning rate from a 3- or 4-point grid, from the same initialisation
 and on the same batches, over 3 seeds. :func:`build` is an ordinary spec, so the same race runs with
 ``landscape race --spec landscape.demo_race:build``.
 """
@@ -25,8 +25,9 @@ __all__ = ["DEMO_LR_GRID", "SPEC", "build", "run_race_demo"]
 #: The spec of the demo race.
 SPEC = "landscape.demo_race:build"
 #: Learning rates tried per recipe (the first seed picks the best).
-DEMO_LR_GRID = {"sgd": [0.3, 1.0, 3.0], "sgd_clip": [0.3, 1.0, 3.0], "adam": [1e-3, 3e-3, 1e-2],
-                "adam_clip": [1e-3, 3e-3, 1e-2]}
+#: The clipped variants get one more point where their best rate first fell at the grid's edge.
+DEMO_LR_GRID = {"sgd": [0.3, 1.0, 3.0], "sgd_clip": [0.1, 0.3, 1.0, 3.0], "adam": [1e-3, 3e-3, 1e-2],
+                "adam_clip": [1e-3, 3e-3, 1e-2, 3e-2]}
 
 WIDTH, DEPTH, HEADS, CONTEXT, BATCH, PROBE, CHARS = 64, 2, 4, 64, 16, 32, 1_000_000
 
