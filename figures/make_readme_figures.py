@@ -1,8 +1,10 @@
-"""Regenerate the README's figures from a demo run.
+"""Regenerate the README's figures from a demo run, with today's code.
 
     python figures/make_readme_figures.py [RUN]      # default RUN: runs/demo (made with `landscape demo`)
 
-If RUN does not exist, the demo is run first (a few minutes on 2 CPU cores).
+If RUN does not exist, the demo is run first (about a minute on 2 CPU cores). The figures are the
+ones `landscape plot RUN` writes (same functions, same defaults), at 150 dpi, each with its one-line
+caption beside it (``NAME.txt``).
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 from landscape import plots  # noqa: E402
 from landscape.store import load_run  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+FIGURES = ("sharpness_ratio", "landscape_lines", "update_histograms")
 
 
 def main(run_dir: str = "runs/demo") -> None:
@@ -27,18 +29,8 @@ def main(run_dir: str = "runs/demo") -> None:
         from landscape.demo import run_demo
 
         run_demo(run_path)
-    run = load_run(run_path)
-    with plots.paper_style():
-        for name, draw, width in [
-            ("sharpness_ratio", lambda ax: plots.sharpness_ratio(run, ax=ax), 6.8),
-            ("landscape_lines", lambda ax: plots.landscape_lines(run, ax=ax), 6.8),
-            ("update_histograms", lambda ax: plots.update_histograms(run, ax=ax, directions=plots._fig1_directions(run)), 3.4),
-        ]:
-            fig, ax = plt.subplots(figsize=(width, 3.0), constrained_layout=True)
-            draw(ax)
-            fig.savefig(HERE / f"{name}.png", dpi=150)
-            plt.close(fig)
-            print(HERE / f"{name}.png")
+    for path in plots.save_figures(load_run(run_path), HERE, "png", only=FIGURES, dpi=150):
+        print(path)
 
 
 if __name__ == "__main__":

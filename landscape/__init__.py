@@ -5,6 +5,10 @@ Measures, on the user's own model, the directional sharpness of every optimizer'
 local smoothness along the real training trajectory (Crawshaw et al., "Robustness to Unbounded
 Smoothness of Generalized SignSGD"), and the loss along each update direction.
 
+Names are imported on first use (PEP 562), so that ``import landscape`` and the ``landscape``
+command line start without importing torch, scipy or matplotlib; ``landscape.Probe`` and
+``from landscape import Probe`` work as usual.
+
 Example:
     >>> import torch, landscape as ls
     >>> model = torch.nn.Linear(3, 1)
@@ -16,48 +20,75 @@ Example:
     True
 """
 
-from landscape import optim, planes, smoothness, tree
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from landscape._version import __version__
-from landscape.curvature import (
-    Sharpness,
-    TraceEstimate,
-    directional_sharpness,
-    hessian_trace,
-    hvp,
-    loss_along,
-    top_eigenvalues,
-)
-from landscape.measure import MeasureSettings, measure_step
-from landscape.objective import DeterminismError, MicroBatches, NonFiniteError, Objective
-from landscape.optim import PseudoUpdates
-from landscape.planes import (
-    LossGrid,
-    Plane,
-    filter_normalize,
-    interpolation,
-    load_plane,
-    loss_line,
-    loss_plane,
-    measure_plane,
-    pca_plane,
-    random_direction,
-    random_plane,
-    update_plane,
-)
-from landscape.probe import Probe
-from landscape.sinks import MLflowSink, Sink, TensorBoardSink, WandbSink, export_tensorboard
-from landscape.smoothness import (
-    CoordinateSamples,
-    L0L1Fit,
-    LocalSmoothness,
-    RobustSmoothness,
-    coordinate_smoothness,
-    fit_l0_l1,
-    fit_per_layer,
-    local_smoothness,
-    robust_smoothness,
-)
-from landscape.store import Run, RunLockedError, RunMismatchError, RunStore, load_run
+
+if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and IDEs
+    from landscape import optim, planes, references, smoothness, tree
+    from landscape.curvature import (
+        Sharpness,
+        TraceEstimate,
+        directional_sharpness,
+        hessian_trace,
+        hvp,
+        loss_along,
+        top_eigenvalues,
+    )
+    from landscape.measure import MeasureSettings, measure_step
+    from landscape.objective import DeterminismError, MicroBatches, NonFiniteError, Objective
+    from landscape.optim import PseudoUpdates
+    from landscape.planes import (
+        LossGrid,
+        Plane,
+        filter_normalize,
+        interpolation,
+        load_plane,
+        loss_line,
+        loss_plane,
+        measure_plane,
+        pca_plane,
+        random_direction,
+        random_plane,
+        update_plane,
+    )
+    from landscape.probe import Probe
+    from landscape.sinks import MLflowSink, Sink, TensorBoardSink, WandbSink, export_tensorboard
+    from landscape.smoothness import (
+        CoordinateSamples,
+        L0L1Fit,
+        LocalSmoothness,
+        RobustSmoothness,
+        coordinate_smoothness,
+        fit_l0_l1,
+        fit_per_layer,
+        local_smoothness,
+        robust_smoothness,
+    )
+    from landscape.store import Run, RunLockedError, RunMismatchError, RunStore, load_run
+
+#: Where each public name lives: ``{name: module}`` (a module itself when the name is a submodule).
+_LAZY: dict[str, str] = {
+    **{n: "landscape.curvature" for n in (
+        "Sharpness", "TraceEstimate", "directional_sharpness", "hessian_trace", "hvp", "loss_along",
+        "top_eigenvalues")},
+    **{n: "landscape.measure" for n in ("MeasureSettings", "measure_step")},
+    **{n: "landscape.objective" for n in ("DeterminismError", "MicroBatches", "NonFiniteError", "Objective")},
+    "PseudoUpdates": "landscape.optim",
+    **{n: "landscape.planes" for n in (
+        "LossGrid", "Plane", "filter_normalize", "interpolation", "load_plane", "loss_line", "loss_plane",
+        "measure_plane", "pca_plane", "random_direction", "random_plane", "update_plane")},
+    "Probe": "landscape.probe",
+    **{n: "landscape.sinks" for n in ("MLflowSink", "Sink", "TensorBoardSink", "WandbSink", "export_tensorboard")},
+    **{n: "landscape.smoothness" for n in (
+        "CoordinateSamples", "L0L1Fit", "LocalSmoothness", "RobustSmoothness", "coordinate_smoothness",
+        "fit_l0_l1", "fit_per_layer", "local_smoothness", "robust_smoothness")},
+    **{n: "landscape.store" for n in ("Run", "RunLockedError", "RunMismatchError", "RunStore", "load_run")},
+}
+_SUBMODULES = ("optim", "planes", "references", "smoothness", "tree")
 
 __all__ = [
     "__version__",
@@ -119,4 +150,20 @@ __all__ = [
     "export_tensorboard",
     # helpers
     "tree",
+    "references",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"landscape.{name}")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'landscape' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,18 +1,18 @@
-"""Paper style for figures: rc settings sized for one or two paper columns, and recipe colours.
+"""Paper style for figures: rc settings sized for one or two paper columns, and direction styles.
 
 Private helpers of :mod:`landscape.plots`; the public names are re-exported there.
 """
 
 from __future__ import annotations
 
-import colorsys
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import matplotlib as mpl
-from matplotlib.colors import to_hex, to_rgb
+
+from landscape._directions import split_recipe
 
 #: Width in inches of one column and of the full text width of a two-column paper.
 COLUMN_WIDTH = 3.3
@@ -75,17 +75,20 @@ def paper_style(**overrides: Any) -> Iterator[None]:
         yield
 
 
-# -- recipe colours --------------------------------------------------------------------------------
+# -- direction styles ------------------------------------------------------------------------------
 
-#: Suffixes that mark a variant of a base recipe, longest first, with (lighten, linestyle).
+#: Line style and opacity of each variant of a base recipe: the same colour as the base at a lower
+#: opacity (Pan & Li 2023, Fig. 2: "clipped and unclipped variants of the same algorithm have the same
+#: color with different opacity"), and a line style of its own so that variants stay apart in
+#: greyscale and where two variants of one family are drawn together.
 VARIANTS: dict[str, tuple[float, Any]] = {
-    "_clip_update": (0.45, ":"),
-    "_valueclip": (0.40, "-."),
-    "_normclip": (0.40, (0, (5, 1.5, 1, 1.5, 1, 1.5))),
-    "_clip": (0.45, "--"),
+    "_clip_update": (0.6, ":"),
+    "_valueclip": (0.6, "-."),
+    "_normclip": (0.6, (0, (5, 1.5, 1, 1.5, 1, 1.5))),
+    "_clip": (0.6, "--"),
 }
 
-#: Colour of each base recipe (colour-blind-friendly, distinct hues).
+#: Colour of each base recipe (distinct hues, from the colour-blind-friendly tab10 palette).
 BASE_COLORS: dict[str, str] = {
     "sgd": "#1f77b4",
     "adam": "#d62728",
@@ -103,42 +106,50 @@ TRAINED_SUFFIX = " (trained)"
 TRAINED_COLOR = "#000000"
 
 
-def split_recipe(name: str) -> tuple[str, str]:
-    """``"adam_clip_update"`` -> ``("adam", "_clip_update")``; a base recipe -> ``(name, "")``."""
-    for suffix in VARIANTS:
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)], suffix
-    return name, ""
-
-
-def _lighten(color: str, amount: float) -> str:
-    r, g, b = to_rgb(color)
-    hue, light, sat = colorsys.rgb_to_hls(r, g, b)
-    return to_hex(colorsys.hls_to_rgb(hue, light + (1.0 - light) * amount, sat))
-
-
-def recipe_style(name: str, *, trained: bool | None = None) -> dict[str, Any]:
+def recipe_style(name: str, *, trained: bool | None = None, color: str | None = None) -> dict[str, Any]:
     """Line style of a direction, the same in every figure.
 
     A base recipe and its variants (suffixes ``_clip``, ``_clip_update``, ``_valueclip``,
-    ``_normclip``) share the base's hue; a variant is lighter and dashed. The trained optimizer's
-    own direction is black and drawn on top.
+    ``_normclip``) share the base's colour; a variant is drawn at a lower opacity (``alpha``) with a
+    line style of its own. The trained optimizer's own direction is black and drawn on top.
 
     Args:
         name: direction name.
         trained: whether it is the trained optimizer's direction; ``None`` detects the
             ``" (trained)"`` suffix.
+        color: the base colour to use (default: :data:`BASE_COLORS`, or a stable fallback for
+            other names; :func:`run_styles` picks unused ones within a run).
 
     Returns:
-        ``{"color", "linestyle", "zorder", "linewidth"?}``, ready for ``ax.plot(..., **style)``.
+        ``{"color", "linestyle", "alpha", "zorder", "linewidth"?}``, ready for ``ax.plot(..., **style)``.
     """
     if trained is None:
         trained = name.endswith(TRAINED_SUFFIX)
     if trained:
-        return {"color": TRAINED_COLOR, "linestyle": "-", "zorder": 5, "linewidth": 1.4}
+        return {"color": TRAINED_COLOR, "linestyle": "-", "alpha": 1.0, "zorder": 5, "linewidth": 1.4}
     base, suffix = split_recipe(name)
-    color = BASE_COLORS.get(base) or _FALLBACK[zlib.crc32(base.encode()) % len(_FALLBACK)]
+    color = color or BASE_COLORS.get(base) or _FALLBACK[zlib.crc32(base.encode()) % len(_FALLBACK)]
     if not suffix:
-        return {"color": color, "linestyle": "-", "zorder": 3}
-    amount, linestyle = VARIANTS[suffix]
-    return {"color": _lighten(color, amount), "linestyle": linestyle, "zorder": 2}
+        return {"color": color, "linestyle": "-", "alpha": 1.0, "zorder": 3}
+    alpha, linestyle = VARIANTS[suffix]
+    return {"color": color, "linestyle": linestyle, "alpha": alpha, "zorder": 2}
+
+
+def run_styles(directions: list[str], trained: str | None = None) -> dict[str, dict[str, Any]]:
+    """The style of every direction of a run: :func:`recipe_style`, with bases that have no colour
+    of their own given distinct unused colours in the run's direction order (so two recipes of your
+    own never share a colour). The same run gives the same styles in every figure."""
+    used = {BASE_COLORS[split_recipe(d)[0]] for d in directions if split_recipe(d)[0] in BASE_COLORS}
+    spare = [c for c in _FALLBACK if c not in used]
+    extra: dict[str, str] = {}
+    out = {}
+    for d in directions:
+        is_trained = (d == trained) if trained else None
+        base = split_recipe(d)[0]
+        color = None
+        if not (is_trained or (is_trained is None and d.endswith(TRAINED_SUFFIX))) and base not in BASE_COLORS:
+            if base not in extra:
+                extra[base] = spare.pop(0) if spare else _FALLBACK[zlib.crc32(base.encode()) % len(_FALLBACK)]
+            color = extra[base]
+        out[d] = recipe_style(d, trained=is_trained, color=color)
+    return out

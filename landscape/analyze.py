@@ -287,6 +287,18 @@ def _first_hyperparameters(ordered: list[tuple[int, Any]], trust: bool) -> dict[
     return load_checkpoint(first.path, trust=trust).hyperparameters if first is not None else {}
 
 
+def _optimizer_meta(hyper: dict[str, Any]) -> dict[str, Any]:
+    """The run's ``optimizer`` metadata: the class a checkpoint's optimizer state names by its
+    parameter-group keys (a ``state_dict`` stores no class name), else ``"unknown"``."""
+    from landscape._optimizer_class import optimizer_class_from_state
+
+    name = optimizer_class_from_state(hyper) if hyper else None
+    meta: dict[str, Any] = {"class": name or "unknown", "hyperparameters": hyper}
+    if name:
+        meta["class_source"] = "from the parameter-group keys of the checkpoint's optimizer state"
+    return meta
+
+
 def _model_signature(model: nn.Module) -> str:
     return hashlib.sha256("".join(f"{n}{tuple(p.shape)}{p.dtype}" for n, p in model.named_parameters()).encode()).hexdigest()[:16]
 
@@ -384,7 +396,7 @@ def analyze(
     run_meta = {
         "model": {"class": type(model).__name__, "n_params": n_params,
                   "n_measured": sum(p.numel() for n, p in model.named_parameters() if n in objective.names)},
-        "optimizer": {"class": "unknown", "hyperparameters": _first_hyperparameters(ordered, trust)},
+        "optimizer": _optimizer_meta(_first_hyperparameters(ordered, trust)),
         "recipes": recipe_list,
         "trained_direction": REAL_DIRECTION,
         "versions": {"landscape": __version__, "torch": torch.__version__, "python": platform.python_version()},
@@ -566,13 +578,25 @@ def _run(
                 if current is not None:
                     nxt = current[0]
                     x_next = {n: nxt[n].to(device=x_k[n].device, dtype=x_k[n].dtype) for n in names}
-                _measure(objective, pseudo, step, x_k, x_next, st, due.index(k), store, step_rows, result)
+                phases = _phases(progress, k, total, step) if progress is not None else None
+                _measure(objective, pseudo, step, x_k, x_next, st, due.index(k), store, step_rows, result, phases)
             elif len(step_rows) >= 50:
                 flush()
         if progress is not None:
             progress(total, total, "done")
     finally:
         flush()
+
+
+def _phases(progress: ProgressFn, k: int, total: int, step: int) -> Callable[[int], Callable[[str, int, int], None]]:
+    """``for_count(directions)`` -> the ``progress`` callback of :func:`measure_step`, reporting
+    ``measuring 18 directions at step 20 (lines 4/18)`` through ``progress(k, total, text)``."""
+    def for_count(count: int) -> Callable[[str, int, int], None]:
+        def tell(phase: str, done: int, of: int) -> None:
+            detail = f" ({phase} {done}/{of})" if of else f" ({phase})"
+            progress(k, total, f"measuring {count} directions at step {step}{detail}")
+        return tell
+    return for_count
 
 
 def _measure(
@@ -586,6 +610,7 @@ def _measure(
     store: RunStore | _LazyStore,
     step_rows: list[dict[str, Any]],
     result: AnalyzeResult,
+    phases: Callable[[int], Callable[[str, int, int], None]] | None = None,
 ) -> None:
     names = list(objective.names)
     dirs = pseudo.directions()
@@ -597,7 +622,8 @@ def _measure(
             store.log_event(step, "warning", f"checkpoint step {step} has the same measured weights as the next one")
             x_next = None
     try:
-        rows = measure_step(objective, step, x_k, dirs, x_next=x_next, settings=st, measurement_index=index)
+        rows = measure_step(objective, step, x_k, dirs, x_next=x_next, settings=st, measurement_index=index,
+                            progress=phases(len(dirs)) if phases is not None else None)
     except NonFiniteError as e:
         reason = f"{type(e).__name__}: {e}"
         result.failed[step] = reason

@@ -146,7 +146,7 @@ def race(
     typer.echo(f"then: landscape plot {out}; landscape report {out}")
 
 
-def other_demo(out: Path, *, steps: int, every: int, seed: int, fmt: str, race: bool, task: str) -> None:
+def other_demo(out: Path | None, *, steps: int, every: int, seed: int, fmt: str, race: bool, task: str) -> None:
     """``landscape demo --race`` and ``landscape demo --task cnn`` (called by the ``demo`` command)."""
     from landscape.plots import save_figures
     from landscape.report import ratio_exclusions, summary
@@ -155,11 +155,10 @@ def other_demo(out: Path, *, steps: int, every: int, seed: int, fmt: str, race: 
 
     if race and task != "lm":
         raise CLIError("--race races on the demo's text: drop --task cnn")
-    default = Path("runs/demo")
     if race:
         from landscape.demo_race import run_race_demo
 
-        out = Path("runs/demo_race") if out == default else out
+        out = Path("runs/demo_race") if out is None else out
         bar, progress = race_progress("race")
         try:
             result = run_race_demo(out, steps=steps, seeds=(seed, seed + 1, seed + 2), progress=progress)
@@ -178,7 +177,7 @@ def other_demo(out: Path, *, steps: int, every: int, seed: int, fmt: str, race: 
 
     from landscape.demo_cnn import DATASET, CNNDemoConfig, run_cnn_demo
 
-    out = Path("runs/demo_cnn") if out == default else out
+    out = Path("runs/demo_cnn") if out is None else out
     columns = [TextColumn("[bold]training"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
                TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("measurements {task.fields[meas]}"),
                TimeElapsedColumn(), TimeRemainingColumn()]

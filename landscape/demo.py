@@ -1,16 +1,21 @@
 """``landscape demo``: a small causal transformer language model trained on real English text (the
 King James Bible, character level) with the probe attached, then figures and a report.
 
-It reproduces, in a few minutes on a laptop CPU, seed 002's central observation: along the same
-trajectory, SGD's update direction is far sharper than the directions of adaptive and clipped
+It reproduces, in about a minute on a laptop CPU, the central observation of Pan & Li 2023: along the
+same trajectory, SGD's update direction is far sharper than the directions of adaptive and clipped
 methods (the sharpness ratio to SGD is well below one).
+
+Run folders: the defaults write ``runs/demo``; other options write a folder named after them
+(``runs/demo-sgd-steps600``, :func:`demo_folder`), so changing an option starts a new run instead of
+colliding with the old one. :func:`demo_status` says what a folder holds (nothing, a finished demo,
+an unfinished one with the same options, or a demo with other options).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +26,12 @@ from landscape.measure import MeasureSettings
 from landscape.models import TinyCausalLM, lm_loss
 from landscape.probe import Probe, saved_state
 
-__all__ = ["DemoConfig", "run_demo"]
+__all__ = ["DemoConfig", "DemoStatus", "demo_folder", "demo_status", "run_demo"]
 
 
 @dataclass
 class DemoConfig:
-    """Settings of the demo run (defaults finish in a few minutes on 2 CPU cores)."""
+    """Settings of the demo run (the defaults finish in about a minute on 2 CPU cores)."""
 
     steps: int = 300
     every: int = 60
@@ -40,6 +45,70 @@ class DemoConfig:
     batch_size: int = 32
     probe_size: int = 12
     corpus_chars: int = 1_000_000
+
+
+#: The options ``landscape demo`` exposes, in the order they name a run folder.
+FOLDER_OPTIONS = ("optimizer", "steps", "every", "seed")
+
+
+def demo_folder(cfg: DemoConfig, root: str | Path = "runs") -> Path:
+    """The run folder of a demo: ``runs/demo`` for the defaults, else named after the options that
+    differ, ``runs/demo-sgd-steps600-seed1`` (the optimizer by its name, the others as name+value)."""
+    default = DemoConfig()
+    parts = []
+    for name in FOLDER_OPTIONS:
+        value = getattr(cfg, name)
+        if value != getattr(default, name):
+            parts.append(str(value) if name == "optimizer" else f"{name}{value}")
+    others = [f.name for f in fields(DemoConfig) if f.name not in FOLDER_OPTIONS
+              and getattr(cfg, f.name) != getattr(default, f.name)]
+    for name in others:  # set from Python only: named too, so that no two configurations share a folder
+        parts.append(f"{name}{getattr(cfg, name)}")
+    return Path(root) / ("demo" if not parts else "demo-" + "-".join(parts))
+
+
+@dataclass
+class DemoStatus:
+    """What a demo run folder holds.
+
+    Attributes:
+        kind: ``"new"`` (no run there), ``"finished"`` (a demo with these options, trained to the
+            end), ``"unfinished"`` (these options, stopped before the end), ``"different"`` (a demo
+            with other options) or ``"other"`` (a run that is not a demo).
+        steps_done: training steps the folder holds.
+        measured: measured steps.
+        differences: ``[(option, in the folder, asked for)]`` when ``kind == "different"``.
+    """
+
+    kind: str
+    steps_done: int = 0
+    measured: int = 0
+    differences: list[tuple[str, Any, Any]] = field(default_factory=list)
+
+
+def demo_status(out: str | Path, cfg: DemoConfig) -> DemoStatus:
+    """What ``out`` holds with respect to a demo run with ``cfg`` (reads only)."""
+    from landscape.store import DB_NAME, StoreError, load_run
+
+    out = Path(out)
+    if not (out / DB_NAME).exists():
+        return DemoStatus("new")
+    try:
+        run = load_run(out)
+        meta = run.meta
+        steps = run.steps("steps")
+        measured = len(run.steps("sharpness"))
+    except StoreError:
+        return DemoStatus("other")
+    saved = meta.get("demo")
+    if not isinstance(saved, dict):
+        return DemoStatus("other", len(steps), measured)
+    diffs = [(f.name, saved.get(f.name), getattr(cfg, f.name)) for f in fields(DemoConfig)
+             if f.name in saved and saved.get(f.name) != getattr(cfg, f.name)]
+    if diffs:
+        return DemoStatus("different", len(steps), measured, diffs)
+    done = max(steps) if steps else 0
+    return DemoStatus("finished" if done >= cfg.steps else "unfinished", done, measured)
 
 
 def _optimizer(cfg: DemoConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -56,6 +125,7 @@ def run_demo(
     *,
     on_step: Callable[[int, float, int], None] | None = None,
     settings: MeasureSettings | None = None,
+    progress: Any = None,
 ) -> dict[str, Any]:
     """Train the demo model with the probe attached; return a summary.
 
@@ -64,6 +134,8 @@ def run_demo(
         cfg: the demo settings.
         on_step: ``on_step(step, loss, measurements_done)`` after each optimizer step (progress).
         settings: measurement settings (default: the probe's).
+        progress: passed to the probe (``True``, or a ``landscape._progress.Progress`` that also
+            shows the training steps).
 
     Returns:
         ``{"out", "steps", "final_loss", "seconds", "timings", "resumed_from"}`` (``resumed_from``: the
@@ -105,7 +177,7 @@ def run_demo(
     t0 = time.perf_counter()
     loss = float("nan")
     with Probe(model, lm_loss, probe_batch, out=out, every=cfg.every, settings=settings, meta=meta,
-               extra_state=training_state) as probe:
+               extra_state=training_state, progress=progress or False) as probe:
         probe.attach(opt)
         start = probe.step
         model.train()

@@ -198,6 +198,7 @@ def measure_step(
     settings: MeasureSettings | None = None,
     reference: str = "sgd",
     measurement_index: int = 0,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Measure every direction at ``x_t`` and return the store rows, keyed by table.
 
@@ -210,6 +211,8 @@ def measure_step(
         settings: what to compute.
         reference: the direction whose sharpness the ratios divide by.
         measurement_index: counts measurements (for ``robust_every``).
+        progress: called as ``progress(phase, done, total)`` while measuring (``"sharpness"``,
+            ``"lines"`` per direction, ``"histograms"``, ``"smoothness"``, ``"robust smoothness"``).
     """
     from landscape import smoothness as sm
 
@@ -218,6 +221,12 @@ def measure_step(
     dirs = {k: {n: u[n] for n in names} for k, u in directions.items()}
     rows: dict[str, list[dict[str, Any]]] = {}
     timings: dict[str, float] = {}
+
+    def tell(phase: str, done: int = 0, total: int = 0) -> None:
+        if progress is not None:
+            progress(phase, done, total)
+
+    tell("sharpness")
     t0 = time.perf_counter()
     sharp, loss, grad = sharpness_and_gradient(
         objective, dirs, at=x_t, shift=st.shift, delta=st.delta, method=st.method
@@ -248,6 +257,7 @@ def measure_step(
         t0 = time.perf_counter()
         rows["lines"] = []
         for name, u in dirs.items():
+            tell("lines", list(dirs).index(name) + 1, len(dirs))
             s = sharp[name]
             uhat = tree.scale(u, 1.0 / s.update_norm)
             scale = 2 * s.best_step if s.best_step and s.best_step > 0 else 2 * abs(s.grad_correlation) / max(abs(s.value), 1e-12)
@@ -274,6 +284,7 @@ def measure_step(
                 }
             )
         timings["lines"] = time.perf_counter() - t0
+    tell("histograms and cosines")
     t0 = time.perf_counter()
     rows["histograms"] = [{"step": step, "direction": n, **log_histogram(u, st.hist_bins)} for n, u in dirs.items()]
     if st.cosine and len(dirs) > 1:
@@ -286,6 +297,7 @@ def measure_step(
         ]
     timings["geometry"] = time.perf_counter() - t0
     if x_next is not None and st.smoothness:
+        tell("smoothness")
         t0 = time.perf_counter()
         xn = {n: x_next[n] for n in names}
         if float(tree.norm(tree.sub(xn, {n: x_t[n] for n in names}))) > 0:
@@ -306,6 +318,7 @@ def measure_step(
                 ]
         timings["smoothness"] = time.perf_counter() - t0
     if st.robust_every and measurement_index % st.robust_every == 0:
+        tell("robust smoothness")
         t0 = time.perf_counter()
         rb = sm.robust_smoothness(objective, at=x_t, n_samples=st.robust_samples, seed=st.seed)
         rows["robust"] = [

@@ -190,6 +190,9 @@ class Probe:
             ``landscape plane``: an iterable of steps or a predicate ``step -> bool``. Default: none.
         save_directions: which directions a saved point keeps: ``True`` (every recipe and the
             trained step), ``False`` (none: parameters only, e.g. for a PCA trajectory) or names.
+        progress: say what the probe is doing on stderr: in a terminal a status line while it
+            measures (``measuring 18 directions at step 120 (lines 4/18)``), elsewhere one line per
+            measurement. Off by default (the probe is quiet in your loop).
         sinks: experiment trackers that also receive each measurement's scalars and histograms once
             its rows are committed: TensorBoard ``SummaryWriter`` objects, ``wandb`` runs, MLflow runs, functions (see
             :mod:`landscape.sinks` for the tags). A sink that fails is switched off alone.
@@ -224,6 +227,7 @@ class Probe:
         extra_state: Callable[[], Any] | None = None,
         save_points: Iterable[int] | Callable[[int], bool] | None = None,
         save_directions: bool | Iterable[str] = True,
+        progress: bool | Any = False,
         sinks: Iterable[Any] | None = None,
     ) -> None:
         if not isinstance(every, int) or every < 1:
@@ -263,6 +267,10 @@ class Probe:
         self._loaded_state: Mapping[str, Any] | None = None  # from load_state_dict, applied when the run opens
         self.restored_extra_state: Any = None
         self.engine: str | None = None  # the sharpness engine of the last measurement ("taylor", "hvp")
+        from landscape._progress import Progress, probe_printer
+
+        self._progress = probe_printer(progress)
+        self._own_progress = self._progress is not None and not isinstance(progress, Progress)
         self.sinks = SinkSet(sinks)  # trackers fed after each commit (landscape.sinks)
 
     # ------------------------------------------------------------------ setup
@@ -616,15 +624,25 @@ class Probe:
         else:
             self._store.log_event(step, "warning", "the optimizer did not move the measured parameters this step")
         at = {n: x_t[n] for n in names}
-        rows = measure_step(
-            self.objective,
-            step,
-            at,
-            dirs,
-            x_next={n: x_next[n] for n in names},
-            settings=self.settings,
-            measurement_index=self._measurements,
-        )
+        progress = self._progress
+        if progress is not None:
+            progress.measuring(step, len(dirs))
+        try:
+            rows = measure_step(
+                self.objective,
+                step,
+                at,
+                dirs,
+                x_next={n: x_next[n] for n in names},
+                settings=self.settings,
+                measurement_index=self._measurements,
+                progress=progress.phase_callback(step, len(dirs)) if progress is not None else None,
+            )
+        finally:
+            if progress is not None:
+                seconds = progress.measured()
+                if self._own_progress:
+                    progress.close(f"{progress.what}: measured {len(dirs)} directions at step {step} in {seconds:.1f} s")
         self._measurements += 1
         rows.pop("_grad", None)
         self.last_timings = rows.pop("_timings", [{}])[0]

@@ -389,7 +389,7 @@ _TABLE_LIST: tuple[Table, ...] = (
             _c("loss", "REAL", "probe-batch loss f(x) at the measured point"),
         ),
         ("step", "direction"),
-        "Directional sharpness of every direction at every measured step (seed 002 Tables 1, 4-7).",
+        "Directional sharpness of every direction at every measured step (Pan & Li 2023, Tables 1, 4-7).",
     ),
     Table(
         "lines",
@@ -403,7 +403,7 @@ _TABLE_LIST: tuple[Table, ...] = (
             _c("reduction", "REAL", "loss(0) − best_loss"),
         ),
         ("step", "direction"),
-        "Loss along each update direction (seed 002 Figs. 2-4).",
+        "Loss along each update direction (Pan & Li 2023, Figs. 2-4).",
     ),
     Table(
         "histograms",
@@ -416,7 +416,7 @@ _TABLE_LIST: tuple[Table, ...] = (
             _c("zeros", "INTEGER", "number of coordinates with u_i = 0 exactly (not in any bin)"),
         ),
         ("step", "direction"),
-        "Histogram of the update's coordinates on a log scale (seed 002 Fig. 1).",
+        "Histogram of the update's coordinates on a log scale (Pan & Li 2023, Fig. 1).",
     ),
     Table(
         "cosine",
@@ -434,13 +434,13 @@ _TABLE_LIST: tuple[Table, ...] = (
         "smoothness",
         (
             _STEP,
-            _c("l_hat", "REAL", "L̂_t = max_γ ‖∇f(x_t+γd) − ∇f(x_t)‖ / ‖γd‖, d = x_{t+1} − x_t (seed 001 §5.2)"),
+            _c("l_hat", "REAL", "L̂_t = max_γ ‖∇f(x_t+γd) − ∇f(x_t)‖ / ‖γd‖, d = x_{t+1} − x_t (Crawshaw et al. 2022, §5.2)"),
             _c("grad_norm", "REAL", "‖∇f(x_t)‖ on the probe batch"),
             _c("step_norm", "REAL", "‖d‖"),
             _c("per_gamma", "JSON", "the ratio for each γ, as {γ: value} or a list"),
         ),
         ("step",),
-        "Local smoothness along the real training step (seed 001 Fig. 1).",
+        "Local smoothness along the real training step (Crawshaw et al. 2022, Fig. 1).",
     ),
     Table(
         "coord_smoothness",
@@ -451,7 +451,7 @@ _TABLE_LIST: tuple[Table, ...] = (
             _c("min_grad", "ARRAY", "min(|∂_j f(x_t)|, |∂_j f(x_{t+1})|) for the same j"),
         ),
         ("step", "layer"),
-        "Coordinate-wise smoothness samples per layer (seed 001 Fig. 3).",
+        "Coordinate-wise smoothness samples per layer (Crawshaw et al. 2022, Fig. 3).",
     ),
     Table(
         "robust",
@@ -466,7 +466,7 @@ _TABLE_LIST: tuple[Table, ...] = (
             _c("n_samples", "INTEGER", "random sign vectors used to estimate the row norms"),
         ),
         ("step",),
-        "Robust smoothness (seed 002 App. D, Table 8).",
+        "Robust smoothness (Pan & Li 2023, App. D, Table 8).",
     ),
     Table(
         "events",

@@ -74,12 +74,16 @@ def write_synthetic_run(
     seed: int = 0,
     sgd_negative: Sequence[int] = (),
     legacy_ratios: bool = False,
+    same: Sequence[tuple[str, str, float, float]] = (),
 ) -> Path:
     """Write a complete fake run into ``path`` through :class:`RunStore`; returns ``path``.
 
     ``sgd_negative``: steps where every direction's reported sharpness, SGD's included, is negative.
     ``legacy_ratios``: store ``value / sgd`` even where SGD's sharpness is ≤ 0, as runs written before
-    the ratio rule did (readers must drop those ratios)."""
+    the ratio rule did (readers must drop those ratios).
+    ``same``: ``(a, b, gap, rel)``: direction ``b`` is ``a`` up to a positive factor: cos(a, b) = 1 − gap
+    at every step, b's sharpness is a's × (1 + rel), its line and histogram are a's (the histogram
+    shifted by the factor 10 between their norms), its cosines with the others are a's."""
     rng = np.random.default_rng(seed)
     path = Path(path)
     directions = list(recipes) + ([trained] if trained else [])
@@ -136,9 +140,20 @@ def write_synthetic_run(
                 hists.append({"step": step, "direction": d, "edges": edges, "counts": counts,
                               "sparsity": float(np.mean(u < 1e-3 * u.max())), "zeros": int((u == 0).sum())})
             vectors = {d: rng.standard_normal(64) + 2.0 * (d.split("_")[0] == "adam") for d in directions}
+            for a, b, _, rel in same:  # b = a up to a positive factor
+                ia, ib = directions.index(a), directions.index(b)
+                ra = sharp[ia]
+                sharp[ib] = {**ra, "direction": b, "sharpness": ra["sharpness"] * (1 + rel),
+                             "raw": ra["raw"] * (1 + rel), "update_norm": 10 * ra["update_norm"],
+                             "ratio_to_sgd": None if ra["ratio_to_sgd"] is None else ra["ratio_to_sgd"] * (1 + rel)}
+                lines[ib] = {**lines[ia], "direction": b}
+                hists[ib] = {**hists[ia], "direction": b, "edges": hists[ia]["edges"] + 1.0}
+                vectors[b] = vectors[a]
+            cos_of = {frozenset((a, b)): 1.0 - gap for a, b, gap, _ in same}
             cosine = [
                 {"step": step, "a": a, "b": b,
-                 "cosine": float(vectors[a] @ vectors[b] / np.linalg.norm(vectors[a]) / np.linalg.norm(vectors[b]))}
+                 "cosine": cos_of.get(frozenset((a, b)),
+                                      float(vectors[a] @ vectors[b] / np.linalg.norm(vectors[a]) / np.linalg.norm(vectors[b])))}
                 for i, a in enumerate(directions) for b in directions[i + 1:]
             ]
             with store.transaction():  # one measurement = one atomic commit

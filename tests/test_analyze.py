@@ -245,7 +245,7 @@ def test_cli_help_explains_the_command():
     result = runner.invoke(app, ["analyze", "--help"])
     assert result.exit_code == 0
     for text in ("--spec", "--out", "--every", "--order", "--recipe", "--grad-batches", "--trust-checkpoints", "--engine",
-                 "step|name|mtime", "save_pretrained", "resumes", "progress bar"):
+                 "step|name|mtime", "save_pretrained", "resumes", "progress"):
         assert text in result.stdout, text
 
 

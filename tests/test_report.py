@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import re
 
@@ -102,11 +103,11 @@ def test_markdown_summary_and_smoothness(synthetic_run):
         assert f"- **{name}**: " in text
     assert "gradient projection" in text and "not a correlation coefficient" in text
     assert "exclude" not in text  # SGD is positive at every step
-    smooth = dict(md_section(text, "Local smoothness along the training steps (seed 001 §5.2)"))
+    smooth = dict(md_section(text, "Local smoothness along the training steps (Crawshaw et al. 2022, §5.2)"))
     assert smooth["samples"] == "20 (steps 0–95)"
-    layers = md_section(text, "Coordinate-wise smoothness per layer (seed 001 Fig. 3)")
+    layers = md_section(text, "Coordinate-wise smoothness per layer (Crawshaw et al. 2022, Fig. 3)")
     assert {row[0] for row in layers} == {"embed.weight", "blocks.0.attn.qkv.weight"}
-    robust = md_section(text, "Robust smoothness (seed 002 App. D, Table 8)")
+    robust = md_section(text, "Robust smoothness (Pan & Li 2023, App. D, Table 8)")
     assert [row[0] for row in robust] == ["0", "50", "100"] and robust[1][1] == "170"
 
 
@@ -186,7 +187,7 @@ def test_csv_is_tidy_and_exact(synthetic_run):
 
 
 def test_bad_arguments(synthetic_run):
-    with pytest.raises(ValueError, match="md, latex, csv"):
+    with pytest.raises(ValueError, match="md, latex, csv, json"):
         report(synthetic_run, "html")
     with pytest.raises(NoDataError, match=r"step\(s\) 7 not measured.*measured steps: 0, 50, 100"):
         report(synthetic_run, "md", steps=[7])
@@ -229,3 +230,179 @@ def test_ratios_stored_by_older_runs_against_a_negative_sgd_are_dropped(tmp_path
     assert [r["ratio_to_sgd"] is None for r in adam] == [False, True, False]
     assert adam[1]["ratio_note"].startswith("sgd sharpness ≤ 0")
     assert {s["direction"]: s for s in summary(run)}["adam"]["n_ratio"] == 2
+
+
+# -- the paper's own layouts: Table 1 (one step) and Tables 4-7 (the trajectory) -----------------
+
+
+def test_step_table_is_table_1_of_the_paper(synthetic_run):
+    run = synthetic_run
+    text = report(run, "md", table="step")  # the last measured step
+    assert text.startswith("## Directional sharpness at step 100")
+    rows = [[c.strip() for c in line.strip("|").split(" | ")] for line in text.splitlines() if line.startswith("| ")]
+    assert rows[0] == ["Algorithm", "Sharpness", "Ratio to SGD"]
+    stored = {r["direction"]: r for r in sharpness_records(run, [100])}
+    assert [r[0] for r in rows[1:]] == run.directions  # every direction
+    for name, sharp, ratio in rows[1:]:
+        r = stored[name]
+        assert sharp == rp._md_num(r["sharpness"]) + rp._marks(r) and ratio == rp._md_num(r["ratio_to_sgd"])
+    assert "‡ negative reported sharpness" in text  # lion at step 100, still negative after the shift
+    tex = report(run, "latex", table="step", steps=[50])
+    assert tex.count(r"\toprule") == 1 and r"Algorithm & Sharpness & Ratio to SGD \\" in tex
+    assert "at step 50 (TinyLM with 1,234,567 parameters, trained with AdamW)" in tex and r"0.0021$^\dagger$" in tex
+    rows = list(csv.DictReader(io.StringIO(report(run, "csv", table="step", steps=[50]))))
+    assert [r["direction"] for r in rows] == run.directions and all(r["step"] == "50" for r in rows)
+    assert float(rows[run.directions.index("adam")]["sharpness"]) == 0.0021
+    data = json.loads(report(run, "json", table="step", steps=[0]))
+    assert data["table"] == "step" and data["step"] == 0 and len(data["rows"]) == len(run.directions)
+    gensign = next(r for r in data["rows"] if r["direction"] == "gensignsgd")
+    assert gensign["sharpness"] is None  # NaN -> null: strict JSON
+    with pytest.raises(ValueError, match="one step"):
+        report(run, "md", table="step", steps=[0, 50])
+    only = report(run, "md", table="step", directions=["adam*"])
+    assert "| sgd |" not in only and "| adam_clip |" in only
+
+
+def test_trajectory_table_is_tables_4_to_7_of_the_paper(synthetic_run):
+    run = synthetic_run
+    text = report(run, "md", table="trajectory", directions=["sgd", "adam", "adam_clip"])
+    rows = [[c.strip() for c in line.strip("|").split(" | ")] for line in text.splitlines() if line.startswith("| ")]
+    assert rows[0] == ["Step", "Algorithm", "Ratio"]
+    assert [r[0] for r in rows[1:]] == ["0", "", "", "50", "", "", "100", "", ""]  # the step once per group
+    records = {(r["step"], r["direction"]): r for r in sharpness_records(run)}
+    step = None
+    for s_, name, ratio in rows[1:]:
+        step = int(s_) if s_ else step
+        r = records[(step, name)]
+        assert ratio == rp._md_num(r["ratio_to_sgd"]) + ("†" if r["shifted"] else "")
+    tex = report(run, "latex", table="trajectory")
+    assert tex.count(r"\midrule") == 1 + 2  # under the header, then between the three steps
+    assert r"Step & Algorithm & Ratio \\" in tex
+    tidy = list(csv.DictReader(io.StringIO(report(run, "csv", table="trajectory"))))
+    assert len(tidy) == 3 * len(run.directions) and tuple(tidy[0]) == rp._TRAJECTORY_KEYS
+    data = json.loads(report(run, "json", table="trajectory"))
+    assert [(r["step"], r["direction"]) for r in data["rows"]] == [(r["step"], r["direction"]) for r in sharpness_records(run)]
+
+
+def test_trajectory_notes_steps_where_the_ratio_is_undefined(tmp_path):
+    run = load_run(write_synthetic_run(tmp_path / "r", sgd_negative=(50,)))
+    text = report(run, "md", table="trajectory")
+    assert "undefined at step 50, where SGD's sharpness is not positive" in text
+
+
+def test_json_report_holds_the_same_numbers(synthetic_run):
+    run = synthetic_run
+    data = json.loads(report(run, "json"))
+    med = {s["direction"]: s for s in summary(run)}
+    for s in data["summary"]:
+        expected = med[s["direction"]]["median_ratio_to_sgd"]
+        assert (s["median_ratio_to_sgd"] is None and math.isnan(expected)) or s["median_ratio_to_sgd"] == expected
+    stored = {(r["step"], r["direction"]): r for r in run.rows("sharpness")}
+    for step, rows in data["steps"].items():
+        for r in rows:
+            value = stored[(int(step), r["direction"])]["sharpness"]
+            assert r["sharpness"] == value or (r["sharpness"] is None and math.isnan(value))
+    assert data["metadata"]["model"].startswith("TinyLM") and data["meta"]["optimizer"]["class"] == "AdamW"
+    assert [t["title"] for t in data["smoothness"]][0].startswith("Local smoothness")
+
+
+# -- metadata ----------------------------------------------------------------------------------------
+
+
+def test_settings_are_shown_in_full(tmp_path):
+    settings = {"every": 5, "recipes": list("abcdefgh"), "measured": [f"layer{i}.weight" for i in range(28)],
+                "measure": {"gammas": [1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6]}}
+    RunStore(tmp_path / "r", settings=settings, meta={"recipes": ["sgd"]}).close()
+    header = dict(md_section("\n## top\n" + report(load_run(tmp_path / "r"), "md").split("\n", 2)[2], "top"))
+    assert "items]" not in header["settings"]
+    assert "layer0.weight" in header["settings"] and "layer27.weight" in header["settings"]
+    assert "measure.gammas=[0.1667, 0.3333, 0.5, 0.6667, 0.8333]" in header["settings"]
+
+
+def test_a_checkpoint_run_counts_the_training_steps_it_covers(tmp_path):
+    meta = {"source": {"kind": "checkpoints"}, "recipes": ["sgd"],
+            "optimizer": {"class": "AdamW", "hyperparameters": {"lr": 1e-3},
+                          "class_source": "from the parameter-group keys of the checkpoint's optimizer state"}}
+    with RunStore(tmp_path / "r", settings={"source": "checkpoints"}, meta=meta) as store:
+        store.write("steps", [{"step": s, "loss": 1.0, "grad_norm": 1.0, "lr": 1e-3, "status": "ok", "reason": None,
+                               "wall": 0.0} for s in range(0, 201, 20)])
+    header = dict(md_section("\n## top\n" + report(load_run(tmp_path / "r"), "md").split("\n", 2)[2], "top"))
+    assert header["training steps"] == "200 covered (steps 0–200), 11 checkpoints"
+    assert header["optimizer"] == "AdamW(lr=0.001) (from the parameter-group keys of the checkpoint's optimizer state)"
+
+
+# -- identical directions, figures, citations --------------------------------------------------------
+
+
+def test_report_names_identical_directions(tmp_path):
+    run = load_run(write_synthetic_run(tmp_path / "r", same=(("adam", "adam (trained)", 1e-12, 0.0),)))
+    text = report(run, "md")
+    assert "named once in the figures: adam ≡ adam (trained) (cosine ≥ 1 − 1e-12" in text
+    data = json.loads(report(run, "json"))
+    assert data["equivalent_directions"] == [{"members": ["adam", "adam (trained)"], "exact": True,
+                                              "min_cosine": pytest.approx(1 - 1e-12), "max_rel_diff": 0.0}]
+
+
+def test_markdown_links_the_figures_it_describes(tmp_path):
+    from landscape.plots import save_figures
+
+    small_run = load_run(write_synthetic_run(tmp_path / "small", measured=(0, 50), recipes=("sgd", "adam")))
+    figures = small_run.path / "figures"
+    save_figures(small_run, figures, only=["sharpness_ratio", "landscape_lines", "training_loss"], every_step=True)
+    text = report(small_run, "md", figures=figures, link_base=small_run.path)
+    links = re.findall(r"!\[([^\]]+)\]\(([^)]+)\)", text)
+    assert ("sharpness ratio to SGD", "figures/sharpness_ratio.png") in links
+    assert ("loss along each update direction", "figures/landscape_lines.png") in links
+    assert ("loss along each update direction, step 0", "figures/landscape_lines_step0.png") in links
+    assert all((small_run.path / link).exists() for _, link in links)
+    ratio_at = text.index("figures/sharpness_ratio.png")
+    assert text.index("## Sharpness relative to SGD") < ratio_at < text.index("## Step 0")  # under its table
+    assert "![" not in report(small_run, "md")  # no folder given: no links
+
+
+def test_no_internal_document_numbers_reach_a_user(synthetic_run):
+    from landscape.optim import format_recipes
+    from landscape.references import REFERENCES, cite, translate
+    from landscape.store import schema_markdown
+
+    texts = [report(synthetic_run, f, table=t) for f in ("md", "latex", "csv", "json") for t in ("full", "step", "trajectory")]
+    texts += [format_recipes(), schema_markdown()]
+    heads = ("Pan & Li 2023", r"Pan \& Li 2023", "Crawshaw et al. 2022", "Cesista 2025")
+    for text in texts:
+        assert "seed 00" not in text and "Seed 00" not in text
+        for m in re.finditer(r"\b(Alg|Def|Table|App|Fig)s?\. ", text):  # every part cited names its work
+            assert any(h in text[max(0, m.start() - 110):m.start()] for h in heads), text[max(0, m.start() - 110):m.end()]
+    assert "Pan & Li 2023, Alg. 3" in format_recipes()
+    assert "Cesista 2025, “Adam with Aggressive Gradient Clipping ≈ Smoothed SignSGD/NormSGD”, Def. 1" in format_recipes()
+    assert set(REFERENCES) == {"pan2023", "crawshaw2022", "cesista2025"}
+    assert cite("pan2023", "App. B.3") == "Pan & Li 2023, App. B.3" and translate("seed 001 §5.2") == "Crawshaw et al. 2022, §5.2"
+    with pytest.raises(KeyError, match="known: pan2023"):
+        cite("nobody1999")
+
+
+# -- comparing runs ----------------------------------------------------------------------------------
+
+
+def test_compare_puts_runs_side_by_side(tmp_path):
+    a = load_run(write_synthetic_run(tmp_path / "sgd_traj", measured=(0, 50, 100), seed=1))
+    b = load_run(write_synthetic_run(tmp_path / "adam_traj", measured=(0, 50), recipes=("sgd", "adam", "lion"), seed=2))
+    text = rp.compare([a, b], "md", labels=["SGD traj.", "Adam traj."])
+    rows = {r[0]: r for r in ([c.strip() for c in line.strip("|").split(" | ")] for line in text.splitlines()
+                              if line.startswith("| "))}
+    assert rows["Algorithm"] == ["Algorithm", "SGD traj.", "Adam traj."]
+    for run, col in ((a, 1), (b, 2)):
+        for s in summary(run):
+            assert rows[s["direction"]][col] == f"{rp._md_num(s['median_ratio_to_sgd'])} ({s['n_ratio']}/{s['n_steps']})"
+    assert rows["adam_clip"][2] == "–"  # not measured on the second run
+    tidy = list(csv.DictReader(io.StringIO(rp.compare([a, b], "csv"))))
+    assert {r["run"] for r in tidy} == {"sgd_traj", "adam_traj"} and len(tidy) == len(a.directions) + 4
+    at = json.loads(rp.compare([a, b], "json", step=50))
+    assert at["step"] == 50 and at["rows"][0]["direction"] == "sgd"
+    tex = rp.compare([a, b], "latex")
+    assert r"\toprule" in tex and "sgd\\_traj" in tex
+    with pytest.raises(ValueError, match="two or more runs"):
+        rp.compare([a], "md")
+    with pytest.raises(ValueError, match="one label per run"):
+        rp.compare([a, b], "md", labels=["x"])
+    with pytest.raises(NoDataError, match="step"):
+        rp.compare([a, b], "md", step=100)

@@ -241,10 +241,14 @@ def recipe(name: str, **overrides: Any) -> Transform:
 
 
 def describe_recipes() -> list[dict[str, Any]]:
-    """One dict per recipe: ``name``, ``rule`` (the formula in words), ``source`` (the seed) and
-    ``defaults`` (hyperparameter -> default)."""
+    """One dict per recipe: ``name``, ``rule`` (the formula in words), ``source`` (the work it comes
+    from, cited by authors and year: :mod:`landscape.references`) and ``defaults`` (hyperparameter
+    -> default)."""
+    from landscape.references import translate
+
     return [
-        {"name": s.name, "rule": s.rule, "source": s.source, "defaults": dict(s.defaults)} for s in REGISTRY.values()
+        {"name": s.name, "rule": s.rule, "source": translate(s.source), "defaults": dict(s.defaults)}
+        for s in REGISTRY.values()
     ]
 
 
