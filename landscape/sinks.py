@@ -282,6 +282,12 @@ class WandbSink(Sink):
         run.log(data, commit=False)
         self._pending = run.step
 
+    def flush(self) -> None:
+        """Commit our last values when nothing else has (the probe is closing)."""
+        if self._run is not None and self._pending is not None and self._run.step == self._pending:
+            self._run.log({}, commit=True)
+            self._pending = None
+
 
 class MLflowSink(Sink):
     """``log_batch`` of the measurement's scalars into an MLflow run, at the probe's step (MLflow has no
