@@ -400,10 +400,10 @@ def demo(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (progress stays on stderr).")] = False,
     task: Annotated[DemoTask, typer.Option(
         "--task", help="lm: the transformer LM; cnn: a small ResNet on scikit-learn's digits images, trained by "
-                       "SGD with momentum (seed 002 App. E's contrast; --optimizer does not apply; default --out "
+                       "SGD with momentum (Pan & Li 2023, App. E's contrast; --optimizer does not apply; default --out "
                        "runs/demo_cnn).")] = DemoTask.lm,
     race: Annotated[bool, typer.Option(
-        "--race", help="Instead, race sgd, sgd_clip, adam, adam_clip on the demo's text (seed 002 Fig. 6): each "
+        "--race", help="Instead, race sgd, sgd_clip, adam, adam_clip on the demo's text (Pan & Li 2023, Fig. 6): each "
                        "at its best learning rate of 3 or 4, over 3 seeds from --seed (default --out runs/demo_race).")
     ] = False,
 ) -> None:

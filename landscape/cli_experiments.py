@@ -115,7 +115,7 @@ def race(
                          "loss over the last 10% of the steps).")] = SelectBy.probe,
 ) -> None:
     """Race optimizers: train the spec's model with each recipe from the same initialisation, on the
-    same batches, each at its best learning rate from a grid (seed 002 Fig. 6, seed 001 Table 1).
+    same batches, each at its best learning rate from a grid (Pan & Li 2023, Fig. 6, Crawshaw et al. 2022, Table 1).
 
     Writes loss curves to OUT; `landscape plot OUT` draws them (one line per recipe, a recipe and its
     clipped variant in one hue) and `landscape report OUT` tabulates the final losses (± 95% CI over the

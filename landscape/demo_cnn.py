@@ -1,4 +1,4 @@
-"""``landscape demo --task cnn``: the contrast of seed 002 App. E (Table 9), on a laptop CPU.
+"""``landscape demo --task cnn``: the contrast of Pan & Li 2023, App. E (Table 9), on a laptop CPU.
 
 Seed 002 finds that on a transformer the adaptive and clipped methods' update directions are far
 flatter than SGD's, and that on a ResNet for image classification they are *not* (their ratio to SGD is

@@ -1,4 +1,4 @@
-"""``landscape demo --race``: seed 002's Fig. 6 on the demo's text, in a few minutes on a laptop CPU.
+"""``landscape demo --race``: Pan & Li's Fig. 6 on the demo's text, in a few minutes on a laptop CPU.
 
 A small causal transformer LM (2 layers, width 64, context 64) is trained on the King James Bible
 (character level, the text of ``landscape demo``) by SGD, SGD with coordinate-wise clipping, Adam and

@@ -1,7 +1,7 @@
 """``landscape race``: the convergence experiment of the seeds, as one command.
 
 Seed 002 (Fig. 6) trains the same transformer with each optimizer and its clipped variant and finds
-that the clipped ones train faster; seed 001 (Table 1, Figs. 4-5) compares final losses with 95%
+that the clipped ones train faster; Crawshaw et al. 2022, (Table 1, Figs. 4-5) compares final losses with 95%
 confidence intervals over 5 seeds, each optimizer at its best learning rate from a grid search. This
 module runs that experiment on the user's own model::
 
@@ -67,7 +67,7 @@ __all__ = [
     "t_interval",
 ]
 
-#: The recipes of seed 002 Fig. 6's comparison: each optimizer and its clipped variant.
+#: The recipes of Pan & Li 2023, Fig. 6's comparison: each optimizer and its clipped variant.
 DEFAULT_RACE_RECIPES = ("sgd", "sgd_clip", "adam", "adam_clip")
 
 #: Default grids by the scale of a recipe's update: the gradient's (SGD with momentum as an EMA, so
@@ -127,7 +127,7 @@ def parse_lr_grid(specs: Sequence[str] | None, recipes: Sequence[str]) -> dict[s
 
 
 def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
-    """Mean and half-width of the Student-t confidence interval of the mean (seed 001 Table 1 and
+    """Mean and half-width of the Student-t confidence interval of the mean (Crawshaw et al. 2022, Table 1 and
     Figs. 4-5: 95% over 5 seeds): ``t_{(1+c)/2, n−1} · s/√n`` with ``s`` the sample standard deviation;
     the half-width is ``nan`` for fewer than two values."""
     x = np.asarray([v for v in values if v is not None], dtype=np.float64)
@@ -465,7 +465,7 @@ def race(
 def race_summary(run: Run) -> list[dict[str, Any]]:
     """Per recipe (in the race's order): the chosen learning rate, its grid and whether it is at the
     grid's edge, the diverged rates, and the final training and probe losses at the chosen rate over
-    the seeds (mean and 95% Student-t half-width, seed 001 Table 1)."""
+    the seeds (mean and 95% Student-t half-width, Crawshaw et al. 2022, Table 1)."""
     rows = run.rows("race_runs")
     if not rows:
         return []
@@ -539,7 +539,7 @@ def race_report(run: Run, fmt: str = "md") -> str:
     notes = [
         f"{s.get('steps')} steps per run; each recipe's learning rate is the one of its grid with the lowest {crit} "
         f"on seed {tune}; the other seeds train at that rate. Final training loss: the mean over the last 10% of "
-        "the steps. ± is the half-width of the 95% Student-t interval of the mean over the seeds (seed 001 Table 1)"
+        "the steps. ± is the half-width of the 95% Student-t interval of the mean over the seeds (Crawshaw et al. 2022, Table 1)"
         + (", shown from two seeds on" if n_seeds < 2 else "") + ".",
     ]
     edges = [r["recipe"] for r in summary if r["at_edge"]]
@@ -551,7 +551,7 @@ def race_report(run: Run, fmt: str = "md") -> str:
     if fmt == "md":
         out = [f"# landscape race: `{run.path.name}`", "", f"spec `{s.get('spec')}`, "
                f"{run.meta.get('model', {}).get('n_params', '?')} parameters", "",
-               "## Final losses at each recipe's chosen learning rate (seed 002 Fig. 6, seed 001 Table 1)", ""]
+               "## Final losses at each recipe's chosen learning rate (Pan & Li 2023, Fig. 6, Crawshaw et al. 2022, Table 1)", ""]
         out += _md(head, body) + [""] + notes
         out += ["", f"## Learning-rate sweep (seed {tune})", ""] + _md(sweep_head, sweep)
         return "\n".join(out) + "\n"

@@ -1,9 +1,9 @@
-"""Figures of an optimizer race (``landscape race``): seed 002 Fig. 6 and seed 001 Figs. 4-5.
+"""Figures of an optimizer race (``landscape race``): Pan & Li 2023, Fig. 6 and Crawshaw et al. 2022, Figs. 4-5.
 
 Each function takes the race's :class:`~landscape.store.Run` and ``ax: Axes | None = None``, draws and
 returns the Axes; it never shows or saves (:func:`save_race_figures` does, in paper style). Colours
 are :func:`landscape.plots.recipe_style`'s: a recipe and its clipped variant share a hue, the variant
-lighter and dashed (seed 002: "the same color with different opacity").
+lighter and dashed (Pan & Li 2023: "the same color with different opacity").
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ def _curves(run: Run, metric: str) -> dict[str, tuple[np.ndarray, list[np.ndarra
 
 def race_curves(run: Run, metric: str = "train_loss", ax: Axes | None = None, *, smooth: int | None = None,
                 band: bool = True, recipes: Sequence[str] | None = None, confidence: float = 0.95) -> Axes:
-    """Loss against step, one line per recipe at its chosen learning rate (seed 002 Fig. 6): the mean
-    over the seeds, shaded with the Student-t confidence band of the mean (seed 001 Figs. 4-5: 95%).
+    """Loss against step, one line per recipe at its chosen learning rate (Pan & Li 2023, Fig. 6): the mean
+    over the seeds, shaded with the Student-t confidence band of the mean (Crawshaw et al. 2022, Figs. 4-5: 95%).
 
     Args:
         run: a race.

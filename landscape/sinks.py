@@ -27,11 +27,11 @@ Tags (stable; ``<d>`` is the direction name made tag-safe by :func:`tag_name`, e
 ``landscape/line_best_step/<d>``       the best step measured on the landscape line
 ``landscape/line_reduction/<d>``       ℓ(0) − min ℓ on the landscape line
 ``landscape/probe_loss``               f(x) on the probe batch
-``landscape/l_hat``                    local smoothness L̂_t along the real step (seed 001 §5.2)
+``landscape/l_hat``                    local smoothness L̂_t along the real step (Crawshaw et al. 2022, §5.2)
 ``landscape/probe_grad_norm``          ‖∇f(x_t)‖ on the probe batch (L̂_t's x-axis)
 ``landscape/top_eig``                  top Hessian eigenvalue, when measured (``robust_every``)
 ``landscape/robust_ratio``             L/ℓ of the robust smoothness, when measured
-``landscape/update_log10_abs/<d>``     histogram of log10|u_i| (seed 002 Fig. 1): TensorBoard's
+``landscape/update_log10_abs/<d>``     histogram of log10|u_i| (Pan & Li 2023, Fig. 1): TensorBoard's
                                        histogram panel, a ``wandb.Histogram``
 =====================================  ==========================================================
 
@@ -127,7 +127,7 @@ def measurement_scalars(rows: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict
 
 def measurement_histograms(rows: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The update histograms of one measurement: ``{"landscape/update_log10_abs/<d>": (edges, counts)}``
-    (log10|u_i|, seed 002 Fig. 1); updates with no non-zero coordinate are left out."""
+    (log10|u_i|, Pan & Li 2023, Fig. 1); updates with no non-zero coordinate are left out."""
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for r in rows.get("histograms") or []:
         counts = np.asarray(r["counts"], dtype=np.int64)

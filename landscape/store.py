@@ -548,7 +548,7 @@ _TABLE_LIST: tuple[Table, ...] = (
             _c("seconds", "REAL", "wall-clock seconds of the training run"),
         ),
         ("recipe", "lr", "seed"),
-        "Optimizer race (`landscape race`, seed 002 Fig. 6, seed 001 Table 1): one row per finished training "
+        "Optimizer race (`landscape race`, Pan & Li 2023, Fig. 6, Crawshaw et al. 2022, Table 1): one row per finished training "
         "run. Each recipe's learning rate is chosen from its grid on the first seed (lowest `score`).",
     ),
     Table(
