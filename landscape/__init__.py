@@ -56,6 +56,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
         update_plane,
     )
     from landscape.probe import Probe
+    from landscape.sinks import MLflowSink, Sink, TensorBoardSink, WandbSink, export_tensorboard
     from landscape.smoothness import (
         CoordinateSamples,
         L0L1Fit,
@@ -81,6 +82,7 @@ _LAZY: dict[str, str] = {
         "LossGrid", "Plane", "filter_normalize", "interpolation", "load_plane", "loss_line", "loss_plane",
         "measure_plane", "pca_plane", "random_direction", "random_plane", "update_plane")},
     "Probe": "landscape.probe",
+    **{n: "landscape.sinks" for n in ("MLflowSink", "Sink", "TensorBoardSink", "WandbSink", "export_tensorboard")},
     **{n: "landscape.smoothness" for n in (
         "CoordinateSamples", "L0L1Fit", "LocalSmoothness", "RobustSmoothness", "coordinate_smoothness",
         "fit_l0_l1", "fit_per_layer", "local_smoothness", "robust_smoothness")},
@@ -140,6 +142,12 @@ __all__ = [
     "RunMismatchError",
     "RunLockedError",
     "load_run",
+    # experiment trackers (landscape.sinks; the optimizer race is landscape.race.race)
+    "Sink",
+    "TensorBoardSink",
+    "WandbSink",
+    "MLflowSink",
+    "export_tensorboard",
     # helpers
     "tree",
     "references",

@@ -380,6 +380,11 @@ class DemoOptimizer(str, Enum):
     sgd = "sgd"
 
 
+class DemoTask(str, Enum):
+    lm = "lm"
+    cnn = "cnn"
+
+
 @app.command()
 def demo(
     out: Annotated[Path | None, typer.Option(
@@ -393,6 +398,14 @@ def demo(
     fmt: Annotated[FigureFormat, typer.Option("--format", "-f", help="Figure format.")] = "png",
     threads: ThreadsOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (progress stays on stderr).")] = False,
+    task: Annotated[DemoTask, typer.Option(
+        "--task", help="lm: the transformer LM; cnn: a small ResNet on scikit-learn's digits images, trained by "
+                       "SGD with momentum (Pan & Li 2023, App. E's contrast; --optimizer does not apply; default --out "
+                       "runs/demo_cnn).")] = DemoTask.lm,
+    race: Annotated[bool, typer.Option(
+        "--race", help="Instead, race sgd, sgd_clip, adam, adam_clip on the demo's text (Pan & Li 2023, Fig. 6): each "
+                       "at its best learning rate of 3 or 4, over 3 seeds from --seed (default --out runs/demo_race).")
+    ] = False,
 ) -> None:
     """Train a small transformer LM with the probe attached; write figures and a report.
 
@@ -402,6 +415,12 @@ def demo(
     fixed probe batch. About a minute on 2 CPU cores with the defaults. Changing an option writes a
     new run folder; re-running a finished demo only says where its figures are.
     """
+    if race or task != DemoTask.lm:  # the other demos (landscape/cli_experiments.py)
+        from landscape.cli_experiments import other_demo
+
+        other_demo(out, steps=steps, every=every, seed=seed, fmt=FigureFormat(fmt).value, race=race,
+                   task=DemoTask(task).value)
+        return
     from landscape.demo import DemoConfig, demo_folder, demo_status
 
     cfg = DemoConfig(steps=steps, every=every, optimizer=DemoOptimizer(optimizer).value, seed=seed)
@@ -640,6 +659,7 @@ def main() -> None:
     app(prog_name="landscape")
 
 
+import landscape.cli_experiments  # noqa: E402, F401  (registers `landscape race`, `landscape export`)
 import landscape.plane_cli  # noqa: E402, F401  (registers `landscape plane`)
 
 if __name__ == "__main__":

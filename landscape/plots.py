@@ -1348,6 +1348,10 @@ def save_figures(run: Run, out_dir: str | Path, fmt: str = "png", *, every_step:
     """
     from matplotlib.figure import Figure
 
+    if run.has("race_runs"):  # an optimizer race (landscape race) has figures of its own
+        from landscape.race_plots import save_race_figures
+
+        return save_race_figures(run, out_dir, fmt, only=only)
     if fmt not in FIGURE_FORMATS:
         raise ValueError(f"fmt must be one of {', '.join(FIGURE_FORMATS)}, got {fmt!r}")
     if width not in FIGURE_WIDTHS:

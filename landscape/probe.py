@@ -46,6 +46,7 @@ from landscape._version import __version__
 from landscape.measure import MeasureSettings, measure_step
 from landscape.objective import Include, Objective
 from landscape.optim import PseudoUpdates, recipe_names
+from landscape.sinks import SinkSet
 from landscape.store import RunMismatchError, RunStore, load_run
 
 __all__ = ["Probe", "ProbeHandle", "ResumeError", "batch_fingerprint", "saved_state"]
@@ -192,6 +193,9 @@ class Probe:
         progress: say what the probe is doing on stderr: in a terminal a status line while it
             measures (``measuring 18 directions at step 120 (lines 4/18)``), elsewhere one line per
             measurement. Off by default (the probe is quiet in your loop).
+        sinks: experiment trackers that also receive each measurement's scalars and histograms once
+            its rows are committed: TensorBoard ``SummaryWriter`` objects, ``wandb`` runs, MLflow runs, functions (see
+            :mod:`landscape.sinks` for the tags). A sink that fails is switched off alone.
 
     Example:
         >>> probe = ls.Probe(model, loss_fn, probe_batch, out="runs/adam", every=50)   # doctest: +SKIP
@@ -224,6 +228,7 @@ class Probe:
         save_points: Iterable[int] | Callable[[int], bool] | None = None,
         save_directions: bool | Iterable[str] = True,
         progress: bool | Any = False,
+        sinks: Iterable[Any] | None = None,
     ) -> None:
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
@@ -266,6 +271,7 @@ class Probe:
 
         self._progress = probe_printer(progress)
         self._own_progress = self._progress is not None and not isinstance(progress, Progress)
+        self.sinks = SinkSet(sinks)  # trackers fed after each commit (landscape.sinks)
 
     # ------------------------------------------------------------------ setup
     def _trained_params(self, optimizer: torch.optim.Optimizer | None) -> dict[str, Tensor]:
@@ -585,8 +591,14 @@ class Probe:
                 self._fail("measurement", e, disable=False)
                 rows = {}
             self._commit(rows)  # a failure to write propagates to _guarded: the probe switches off
+            if rows:
+                self.sinks.publish(step, rows, self._sink_event)  # committed rows only; never raises
         finally:
             self.timings["measurement"] += time.perf_counter() - t0
+
+    def _sink_event(self, kind: str, message: str) -> None:
+        if self._store is not None:
+            self._store.log_event(self.step, kind, message)
 
     def _record_step(self, row: dict[str, Any]) -> None:
         assert self._store is not None
@@ -725,8 +737,10 @@ class Probe:
         if self._store is not None:
             if self.disabled is None:
                 self._guarded(self._commit, {})
+            self.sinks.close(self._sink_event)
             self._store.close()
             self._store = None
+        self.sinks.close()  # (no-op when closed above)
 
     def __enter__(self) -> Probe:
         return self

@@ -1061,6 +1061,10 @@ def report(run: Run, fmt: str = "md", *, steps: Sequence[int] | None = None, tab
     if table not in REPORT_TABLES:
         raise ValueError(f"table must be one of {', '.join(REPORT_TABLES)}, got {table!r}")
     with run.snapshot():  # one consistent state even while the run is still writing
+        if run.has("race_runs"):  # an optimizer race (landscape race) has tables of its own
+            from landscape.race import race_report
+
+            return race_report(run, fmt)
         if table == "step":
             return _step_table(run, fmt, steps, directions)
         if table == "trajectory":

@@ -534,6 +534,38 @@ _TABLE_LIST: tuple[Table, ...] = (
         ("name", "position"),
         "A trajectory (checkpoints, saved points) projected onto a plane or line.",
     ),
+    Table(
+        "race_runs",
+        (
+            _c("recipe", "TEXT", "the recipe that trained (`landscape recipes`)"),
+            _c("lr", "REAL", "its learning rate η (x ← x − η·u)"),
+            _c("seed", "INTEGER", "the seed of the initialisation, the batch order and dropout"),
+            _c("status", "TEXT", "`done`, or `diverged` (a non-finite loss stopped it)"),
+            _c("steps", "INTEGER", "optimizer steps taken"),
+            _c("final_train_loss", "REAL", "mean training loss over the last 10% of the steps"),
+            _c("final_probe_loss", "REAL", "probe-batch loss after the last step"),
+            _c("score", "REAL", "the learning-rate selection criterion (lower is better; +inf when diverged)"),
+            _c("seconds", "REAL", "wall-clock seconds of the training run"),
+        ),
+        ("recipe", "lr", "seed"),
+        "Optimizer race (`landscape race`, Pan & Li 2023, Fig. 6, Crawshaw et al. 2022, Table 1): one row per finished training "
+        "run. Each recipe's learning rate is chosen from its grid on the first seed (lowest `score`).",
+    ),
+    Table(
+        "race_curves",
+        (
+            _c("recipe", "TEXT", "the recipe that trained"),
+            _c("lr", "REAL", "its learning rate"),
+            _c("seed", "INTEGER", "the seed"),
+            _c("step", "INTEGER", "optimizer steps taken (0: the initialisation)"),
+            _c("train_loss", "REAL", "loss of the step's training batch at x_{step−1}, before the step "
+                                     "(missing at step 0)", nullable=True),
+            _c("probe_loss", "REAL", "probe-batch loss at x_step (every `probe_every` steps and the last)",
+               nullable=True),
+        ),
+        ("recipe", "lr", "seed", "step"),
+        "Loss curves of the optimizer race, every step of every training run.",
+    ),
 )
 
 #: Every table of a run, by name. The one place where schemas are declared.

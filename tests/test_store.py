@@ -55,6 +55,7 @@ def test_tables_declare_the_documented_schema():
         "histograms": ("step", "direction"), "cosine": ("step", "a", "b"), "smoothness": ("step",),
         "coord_smoothness": ("step", "layer"), "robust": ("step",), "events": ("id",),
         "planes": ("name",), "plane_losses": ("name", "objective", "start"), "plane_trajectory": ("name", "position"),
+        "race_runs": ("recipe", "lr", "seed"), "race_curves": ("recipe", "lr", "seed", "step"),
     }
     assert {name: t.primary_key for name, t in TABLES.items()} == expected_pk
     sharp = TABLES["sharpness"].by_name

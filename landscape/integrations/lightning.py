@@ -19,6 +19,11 @@ end of training), when the real update ``x_t − x_{t+1}`` is known.
 
 The training is unchanged: the probe evaluates functionally, restores modes, flags and RNG state,
 and never writes parameters or gradients.
+
+Trackers: each measurement's scalars also go to the trainer's own loggers (``trainer.loggers``:
+TensorBoard, W&B, MLflow, CSV... through their ``log_metrics``), and its update histograms to a
+``TensorBoardLogger``'s histogram panel, with the tags of :mod:`landscape.sinks`; nothing to configure
+twice. ``log_to_trainer=False`` switches this off; ``sinks=[...]`` adds more.
 """
 
 from __future__ import annotations
@@ -88,6 +93,8 @@ class LandscapeCallback(pl.Callback):
             first training batch.
         every: measure every this many optimizer steps (and the first).
         optimizer_index: which of ``trainer.optimizers`` is probed.
+        log_to_trainer: also write each measurement to ``trainer.loggers`` (see :mod:`landscape.sinks`;
+            a logger that fails is switched off alone, training goes on).
         **probe_kwargs: passed to :class:`landscape.Probe` (``recipes``, ``settings``, ``mode``,
             ``include``, ``state_dtype``, ``meta``...).
 
@@ -103,6 +110,7 @@ class LandscapeCallback(pl.Callback):
         probe_batch: Any = None,
         every: int = 50,
         optimizer_index: int = 0,
+        log_to_trainer: bool = True,
         **probe_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -113,6 +121,7 @@ class LandscapeCallback(pl.Callback):
         self.probe_batch = probe_batch
         self.every = every
         self.optimizer_index = optimizer_index
+        self.log_to_trainer = log_to_trainer
         self.probe_kwargs = probe_kwargs
         self.probe: Probe | None = None
         self._optimizer: torch.optim.Optimizer | None = None
@@ -150,6 +159,12 @@ class LandscapeCallback(pl.Callback):
         meta = {"optimizer": {"class": type(opt).__name__, "hyperparameters": hyper}, "integration": "lightning",
                 **dict(kwargs.pop("meta", None) or {})}
         kwargs.setdefault("trained_name", f"{type(opt).__name__.lower()} (trained)")
+        if self.log_to_trainer:
+            from landscape.sinks import LoggerSink
+
+            user = kwargs.pop("sinks", None)
+            user = [user] if user is not None and not isinstance(user, (list, tuple)) else list(user or [])
+            kwargs["sinks"] = user + [LoggerSink(lg) for lg in trainer.loggers]
         source = self.probe_batch if self.probe_batch is not None else batch
         probe_batch = copy_batch(source, pl_module.device)
         self.probe = Probe(pl_module, self.loss_fn, probe_batch, self.out, every=self.every, meta=meta, **kwargs)

@@ -18,14 +18,23 @@ collation of the training run are unchanged).
 
 The training is unchanged: the probe evaluates functionally, restores modes, flags and RNG state,
 and never writes parameters or gradients.
+
+Trackers: each measurement's scalars go through the Trainer's own ``log`` (at the end of the step it
+measured), so they reach every integration ``report_to`` configured (TensorBoard, W&B, MLflow...) and
+``trainer.state.log_history``, under the tags of :mod:`landscape.sinks` with the Trainer's ``train/``
+prefix (``train/landscape/sharpness/adam``); the update histograms go to the ``TensorBoardCallback``'s
+writer, when there is one. ``log_to_trainer=False`` switches this off; ``sinks=[...]`` adds more.
 """
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -38,6 +47,7 @@ except ImportError:  # pragma: no cover - depends on the installed extras
 
 from landscape.integrations import copy_batch
 from landscape.probe import Probe
+from landscape.sinks import Sink, TensorBoardSink
 
 __all__ = ["PROBE_STATE_FILE", "LandscapeCallback", "model_loss"]
 
@@ -64,6 +74,43 @@ def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
     return opt
 
 
+def _running_trainer(callback: Any) -> Any:
+    """The ``transformers.Trainer`` whose callbacks include ``callback``, from the call stack (the
+    Trainer hands its callbacks no reference to itself); ``None`` when not found."""
+    from transformers import Trainer
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, Trainer) and callback in getattr(owner.callback_handler, "callbacks", ()):
+                return owner
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
+
+
+class _TrainerLogSink(Sink):
+    """Queues each measurement's scalars for ``Trainer.log`` at the end of the step (the callback
+    flushes them in ``on_step_end``); histograms go to the ``TensorBoardCallback``'s writer."""
+
+    name = "Trainer.log"
+
+    def __init__(self, callback: LandscapeCallback) -> None:
+        self.callback = callback
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        self.callback._logs.append(dict(scalars))
+
+    def write_histogram(self, step: int, tag: str, edges: np.ndarray, counts: np.ndarray) -> None:
+        trainer = self.callback.trainer
+        for cb in getattr(getattr(trainer, "callback_handler", None), "callbacks", ()):
+            writer = getattr(cb, "tb_writer", None) if type(cb).__name__ == "TensorBoardCallback" else None
+            if writer is not None:
+                TensorBoardSink(writer).write_histogram(step, f"train/{tag}", edges, counts)
+
+
 class LandscapeCallback(TrainerCallback):
     """Attach seed 002's measurements to a Hugging Face ``Trainer`` run.
 
@@ -74,6 +121,8 @@ class LandscapeCallback(TrainerCallback):
             the first ``probe_size`` training examples, collated by the trainer's collator.
         probe_size: examples in the default probe batch (default: ``per_device_train_batch_size``).
         every: measure every this many optimizer steps (and the first).
+        log_to_trainer: also log each measurement through the Trainer (``Trainer.log``, hence every
+            ``report_to`` integration); a failure there is switched off alone, training goes on.
         **probe_kwargs: passed to :class:`landscape.Probe` (``recipes``, ``settings``, ``mode``,
             ``include``, ``state_dtype``, ``meta``...).
 
@@ -89,6 +138,7 @@ class LandscapeCallback(TrainerCallback):
         probe_batch: Any = None,
         probe_size: int | None = None,
         every: int = 50,
+        log_to_trainer: bool = True,
         **probe_kwargs: Any,
     ) -> None:
         if not isinstance(every, int) or every < 1:
@@ -101,7 +151,10 @@ class LandscapeCallback(TrainerCallback):
         self.probe_size = probe_size
         self.every = every
         self.probe_kwargs = probe_kwargs
+        self.log_to_trainer = log_to_trainer
         self.probe: Probe | None = None
+        self.trainer: Any = None  # the Trainer running this callback, found at on_train_begin
+        self._logs: list[dict[str, float]] = []  # measurements waiting for the end of their step
         self._hook: Any = None
         self._recording = False
         self._losses: list[float] = []
@@ -130,6 +183,15 @@ class LandscapeCallback(TrainerCallback):
         probe_kwargs = dict(self.probe_kwargs)
         meta = {"integration": "transformers", "model_type": getattr(getattr(model, "config", None), "model_type", None),
                 **dict(probe_kwargs.pop("meta", None) or {})}
+        if self.log_to_trainer:
+            self.trainer = _running_trainer(self)
+            if self.trainer is not None:
+                user = probe_kwargs.pop("sinks", None)
+                user = [user] if user is not None and not isinstance(user, (list, tuple)) else list(user or [])
+                probe_kwargs["sinks"] = user + [_TrainerLogSink(self)]
+            else:
+                warnings.warn("LandscapeCallback: the Trainer running this callback was not found, so the measurements "
+                              "are not logged through it (they are in the run store)", RuntimeWarning, stacklevel=2)
         self.probe = Probe(model, self.loss_fn, copy_batch(source, device), self.out, every=self.every, meta=meta,
                            **probe_kwargs)
         if state.global_step:  # resumed from checkpoint-<step>: the probe's state saved there by on_save
@@ -156,6 +218,26 @@ class LandscapeCallback(TrainerCallback):
             self.probe.log_loss(sum(self._losses) / len(self._losses))
         self._losses = []
 
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._flush_logs()
+
+    def _flush_logs(self) -> None:
+        """``Trainer.log`` each measurement completed during this step (the step the Trainer logs under,
+        ``state.global_step``, is then the probe's step)."""
+        logs, self._logs = self._logs, []
+        if self.trainer is None:
+            return
+        for entry in logs:
+            try:
+                self.trainer.log(dict(entry))
+            except Exception as e:  # noqa: BLE001 - never stop training for a tracker
+                self.trainer = None
+                if self.probe is not None:
+                    for sink in self.probe.sinks.sinks:
+                        if isinstance(sink, _TrainerLogSink):
+                            self.probe.sinks.disable(sink, "Trainer.log", e, event=self.probe._sink_event)
+                return
+
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Keep the probe's state beside the Trainer's own in ``checkpoint-<step>/``, so that
         ``trainer.train(resume_from_checkpoint=...)`` resumes the probe at that step too."""
@@ -170,6 +252,7 @@ class LandscapeCallback(TrainerCallback):
                 probe._fail("saving the probe state with the checkpoint", e, disable=False)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._flush_logs()
         self.close()
 
     def close(self) -> None:
