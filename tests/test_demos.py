@@ -71,3 +71,25 @@ def test_demo_race_spec_gives_every_recipe_the_same_batches_and_each_seed_its_ow
         torch.manual_seed(seed)
         draws.append(torch.cat([b[0] for b in windows]))
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+def test_the_demo_folder_is_ready_for_landscape_plane_without_a_spec(tmp_path):
+    """The demo keeps its measured points and a spec.py naming its own options: a plane of SGD's and Adam's
+    directions at a measured step needs no --spec, and its centre is the measured point's loss."""
+    import numpy as np
+
+    from landscape.demo import DemoConfig, run_demo
+    from landscape.planes import load_plane
+
+    cfg = DemoConfig(steps=4, every=2, width=16, depth=1, heads=2, context=16, batch_size=4, probe_size=4,
+                     corpus_chars=20_000)
+    out = tmp_path / "demo"
+    run_demo(out, cfg, settings=MeasureSettings(line_points=4, line_min_before=2, line_max_points=8, coord_per_layer=2))
+    assert sorted(p.name for p in (out / "points").glob("*.pt")) == ["step_00000001.pt", "step_00000002.pt",
+                                                                     "step_00000004.pt"]
+    result = CliRunner().invoke(app, ["plane", str(out), "--step", "2", "--directions", "sgd,adam", "--points", "5", "--no-figures"])
+    assert result.exit_code == 0, result.output
+    plane = load_plane(load_run(out))
+    centre = plane.losses["probe"][list(plane.alphas).index(0.0), list(plane.betas).index(0.0)]
+    measured = load_run(out).rows("sharpness", step=2, direction="sgd")[0]["loss"]
+    assert np.isclose(centre, measured, rtol=1e-6)
