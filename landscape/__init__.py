@@ -16,7 +16,7 @@ Example:
     True
 """
 
-from landscape import optim, smoothness, tree
+from landscape import linops, optim, smoothness, tree
 from landscape._version import __version__
 from landscape.curvature import (
     Sharpness,
@@ -26,6 +26,17 @@ from landscape.curvature import (
     hvp,
     loss_along,
     top_eigenvalues,
+)
+from landscape.density import SpectralDensity, spectral_density
+from landscape.eigen import Eigenpairs, eigenvalues
+from landscape.layerwise import LayerSharpness, sharpness_by_layer
+from landscape.linops import (
+    CURVATURES,
+    CurvatureOperator,
+    GGNOperator,
+    HessianOperator,
+    PreconditionedOperator,
+    curvature_operator,
 )
 from landscape.measure import MeasureSettings, measure_step
 from landscape.objective import DeterminismError, MicroBatches, NonFiniteError, Objective
@@ -42,7 +53,9 @@ from landscape.smoothness import (
     local_smoothness,
     robust_smoothness,
 )
+from landscape.stability import adam_preconditioner, preconditioned_sharpness, stability_threshold
 from landscape.store import Run, RunMismatchError, RunStore, load_run
+from landscape.trace import hutchinson_trace, hutchpp_trace
 
 __all__ = [
     "__version__",
@@ -59,6 +72,26 @@ __all__ = [
     "top_eigenvalues",
     "hessian_trace",
     "TraceEstimate",
+    # curvature matrices as operators (Hessian, Gauss–Newton) and their spectra
+    "linops",
+    "CURVATURES",
+    "curvature_operator",
+    "CurvatureOperator",
+    "HessianOperator",
+    "GGNOperator",
+    "PreconditionedOperator",
+    "eigenvalues",
+    "Eigenpairs",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "spectral_density",
+    "SpectralDensity",
+    "sharpness_by_layer",
+    "LayerSharpness",
+    # edge of stability
+    "preconditioned_sharpness",
+    "adam_preconditioner",
+    "stability_threshold",
     # smoothness
     "smoothness",
     "local_smoothness",
