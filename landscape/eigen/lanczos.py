@@ -151,10 +151,11 @@ def lanczos(
         run.last_beta = b
         if progress is not None:
             progress(j + 1, steps)
-        done = j + 1 >= n or (converged is not None and converged(run))
-        if done:
+        invariant = b <= 1e-10 * max(scale, 1e-300)
+        if j + 1 >= n or (converged is not None and not (invariant and restart and basis is not None)
+                          and converged(run)):
             break
-        if b <= 1e-10 * max(scale, 1e-300):
+        if invariant:
             # An invariant subspace: restart from a fresh vector orthogonal to the basis.
             if basis is None or not restart:
                 break

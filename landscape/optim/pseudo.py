@@ -366,8 +366,6 @@ class PseudoUpdates:
 
         if name not in self._txs:
             raise KeyError(f"unknown recipe {name!r}; this PseudoUpdates has {self.names}")
-        if self._step == 0:
-            raise ValueError("no gradients observed yet: the preconditioner is defined after the first observe()")
         found = None
         if name in self._program.outputs:
             key = self._program.outputs[name]
@@ -379,6 +377,8 @@ class PseudoUpdates:
                 key = inp
         if found is None:
             raise ValueError(f"recipe {name!r} has no Adam second moment (scale_by_adam): no preconditioner to read")
+        if self._step == 0:
+            raise ValueError("no gradients observed yet: the preconditioner is defined after the first observe()")
         atom, mkey = found
         t = self._step
         state = self._moments[mkey]
