@@ -510,6 +510,23 @@ def _run(
         flush()
 
 
+def _preconditioners(pseudo: PseudoUpdates, st: MeasureSettings, index: int, names: list[str]
+                     ) -> dict[str, dict[str, Tensor]] | None:
+    """``P`` of the Adam-family recipes asked for, when the preconditioned sharpness is due."""
+    cs = st.curvature
+    if cs is None or not cs.due("precond", index):
+        return None
+    out = {}
+    for recipe in cs.precond_recipes:
+        if recipe in pseudo.names:
+            try:
+                P = pseudo.preconditioner(recipe)
+            except ValueError:
+                continue
+            out[recipe] = {n: P[n] for n in names}
+    return out or None
+
+
 def _measure(
     objective: Objective,
     pseudo: PseudoUpdates,
@@ -532,7 +549,8 @@ def _measure(
             store.log_event(step, "warning", f"checkpoint step {step} has the same measured weights as the next one")
             x_next = None
     try:
-        rows = measure_step(objective, step, x_k, dirs, x_next=x_next, settings=st, measurement_index=index)
+        rows = measure_step(objective, step, x_k, dirs, x_next=x_next, settings=st, measurement_index=index,
+                            preconditioners=_preconditioners(pseudo, st, index, names))
     except NonFiniteError as e:
         reason = f"{type(e).__name__}: {e}"
         result.failed[step] = reason
@@ -541,6 +559,8 @@ def _measure(
         return
     rows.pop("_grad", None)
     rows.pop("_timings", None)
+    for event in rows.pop("_events", []):
+        store.log_event(step, "warning", event["message"])
     with store.transaction():
         if step_rows:
             store.write("steps", step_rows)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from landscape import tree
 from landscape.curvature import sharpness_and_gradient
+from landscape.curvature_measure import CurvatureSettings
 from landscape.objective import Objective
 
 __all__ = ["MeasureSettings", "adaptive_line", "cosine_matrix", "log_histogram", "measure_step"]
@@ -50,6 +51,9 @@ class MeasureSettings:
         method: the sharpness engine: ``"auto"`` (the Taylor sweep where the loss supports it, else
             Hessian-vector products), ``"taylor"`` or ``"hvp"`` (see :func:`~landscape.directional_sharpness`).
             Not part of a run's settings: both engines measure the same numbers (up to rounding).
+        curvature: eigenvalues, traces, spectral densities, preconditioned sharpness and per-layer
+            sharpness decompositions at their own cadence
+            (:class:`~landscape.curvature_measure.CurvatureSettings`; ``None``, the default: none).
     """
 
     shift: str = "negative"
@@ -68,15 +72,20 @@ class MeasureSettings:
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     method: str = "auto"
+    curvature: CurvatureSettings | None = None
 
     def __post_init__(self) -> None:
         if self.method not in ("auto", "taylor", "hvp"):
             raise ValueError(f"method must be 'auto', 'taylor' or 'hvp', got {self.method!r}")
+        if self.curvature is not None and not isinstance(self.curvature, CurvatureSettings):
+            raise TypeError(f"curvature must be a CurvatureSettings or None, got {type(self.curvature).__name__}")
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["gammas"] = [float(g) for g in self.gammas]
         d.pop("method")  # how, not what: a run may resume with the other engine
+        if d.get("curvature") is None:
+            d.pop("curvature")  # absent, so that runs recorded before it existed still resume
         return d
 
 
@@ -192,6 +201,7 @@ def measure_step(
     settings: MeasureSettings | None = None,
     reference: str = "sgd",
     measurement_index: int = 0,
+    preconditioners: Mapping[str, Mapping[str, Tensor]] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Measure every direction at ``x_t`` and return the store rows, keyed by table.
 
@@ -203,7 +213,11 @@ def measure_step(
         x_next: the next point of the real trajectory (for the smoothness tables).
         settings: what to compute.
         reference: the direction whose sharpness the ratios divide by.
-        measurement_index: counts measurements (for ``robust_every``).
+        measurement_index: counts measurements (for ``robust_every`` and the curvature cadences).
+        preconditioners: ``{name: P}`` for the preconditioned sharpness (``settings.curvature``).
+
+    Besides the tables' rows, ``"_events"`` lists ``{"step", "message"}`` of curvature quantities that
+    could not be measured (for the run's events).
     """
     from landscape import smoothness as sm
 
@@ -313,6 +327,15 @@ def measure_step(
             }
         ]
         timings["robust"] = time.perf_counter() - t0
+    if st.curvature is not None:
+        from landscape.curvature_measure import measure_curvature
+
+        crows, events, ctimes = measure_curvature(objective, step, x_t, dirs, st.curvature,
+                                                  measurement_index=measurement_index, preconditioners=preconditioners)
+        rows.update(crows)
+        timings.update(ctimes)
+        if events:
+            rows["_events"] = [{"step": step, "message": m} for m in events]
     rows["_timings"] = [timings]  # type: ignore[list-item]
     rows["_grad"] = [{"grad": grad, "loss": loss}]  # type: ignore[list-item]
     return rows

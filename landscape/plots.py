@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from landscape._style import COLUMN_WIDTH, TEXT_WIDTH, figsize, paper_style, recipe_style, split_recipe
+from landscape.curvature_plots import CURVATURE_FIGURE_NAMES, save_curvature_figures
 from landscape.store import NoDataError, Run
 
 if TYPE_CHECKING:
@@ -59,6 +60,8 @@ FIGURE_FORMATS = ("png", "pdf", "svg")
 #: Figures :func:`save_figures` writes (file stems), in order.
 FIGURE_NAMES = ("training_loss", "sharpness_over_time", "sharpness_ratio", "landscape_lines", "update_histograms",
                 "cosine_heatmap", "smoothness", "coordinate_smoothness")
+# ... and the curvature figures (landscape.curvature_plots), when the run measured curvature
+FIGURE_NAMES = FIGURE_NAMES + CURVATURE_FIGURE_NAMES
 
 _NEGATIVE_LABEL = "< 0 (|value| shown)"
 
@@ -618,4 +621,5 @@ def save_figures(run: Run, out_dir: str | Path, fmt: str = "png", *, every_step:
             fig = Figure(layout="constrained")
             _coordinate_grid(run, fig)
             written.append(_save(fig, out / f"coordinate_smoothness.{fmt}", fmt))
+        written += save_curvature_figures(run, out, fmt, only=[n for n in CURVATURE_FIGURE_NAMES if n in wanted])
     return written

@@ -380,9 +380,12 @@ class Probe:
             x_next={n: x_next[n] for n in names},
             settings=self.settings,
             measurement_index=self._measurements,
+            preconditioners=self._preconditioners(),
         )
         self._measurements += 1
         rows.pop("_grad", None)
+        for event in rows.pop("_events", []):
+            self._store.log_event(step, "warning", event["message"])
         self.last_timings = rows.pop("_timings", [{}])[0]
         with self._store.transaction():
             self._flush_steps()
@@ -390,6 +393,31 @@ class Probe:
                 if table_rows:
                     self._store.write(table, table_rows)
         self._save_state()
+
+    def _preconditioners(self) -> dict[str, dict[str, Tensor]] | None:
+        """``P`` of the Adam-family recipes asked for and of a trained ``torch.optim.Adam``/``AdamW``,
+        when the preconditioned sharpness is due at this measurement."""
+        cs = self.settings.curvature
+        if cs is None or not cs.due("precond", self._measurements) or self._pseudo is None:
+            return None
+        from landscape.stability import adam_preconditioner
+
+        names = self.objective.names
+        out: dict[str, dict[str, Tensor]] = {}
+        for recipe in cs.precond_recipes:
+            if recipe in self._pseudo.names:
+                try:
+                    P = self._pseudo.preconditioner(recipe)
+                except ValueError:
+                    continue
+                out[recipe] = {n: P[n] for n in names}
+        if isinstance(self._optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            try:
+                P = adam_preconditioner(self._optimizer, self.model)
+                out[str(self.trained_name)] = {n: P[n] for n in names}
+            except (ValueError, KeyError):
+                pass
+        return out or None
 
     def _save_state(self) -> None:
         if self.save_state and self._pseudo is not None and self._pseudo.step:

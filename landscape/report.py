@@ -303,6 +303,9 @@ def _smoothness_tables(run: Run, num: Callable[[Any], str]) -> list[tuple[str, l
                  _int(r["n_removed"])] for r in run.rows("robust")]
         tables.append(("Robust smoothness (seed 002 App. D, Table 8)",
                        ["step", "top eigenvalue L", "robust ℓ", "L / ℓ", "ε", "removed"], rows))
+    from landscape.curvature_report import curvature_tables
+
+    tables += curvature_tables(run, num)
     return tables
 
 

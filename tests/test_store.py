@@ -54,6 +54,10 @@ def test_tables_declare_the_documented_schema():
         "meta": ("key",), "steps": ("step",), "sharpness": ("step", "direction"), "lines": ("step", "direction"),
         "histograms": ("step", "direction"), "cosine": ("step", "a", "b"), "smoothness": ("step",),
         "coord_smoothness": ("step", "layer"), "robust": ("step",), "events": ("id",),
+        # curvature (landscape.curvature_measure)
+        "eigenvalues": ("step", "curvature", "block", "which", "rank"), "trace": ("step", "curvature", "method"),
+        "density": ("step", "curvature"), "preconditioned": ("step", "optimizer", "curvature"),
+        "sharpness_layers": ("step", "direction", "curvature", "block"),
     }
     assert {name: t.primary_key for name, t in TABLES.items()} == expected_pk
     sharp = TABLES["sharpness"].by_name
