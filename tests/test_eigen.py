@@ -58,6 +58,13 @@ def test_tolerance_is_honoured_and_pays_only_for_the_digits_asked():
     assert abs(loose.top[0] - float(w[-1])) <= loose.top_residuals[0] + 1e-12
     assert abs(loose.top[0] - float(w[-1])) <= 1e-3 * norm
     assert checked.top_residuals[0] <= 1e-3 * checked.norm * 1.01
+    # the gap criterion: the error estimate min(r, r²/δ̂) instead of r, earlier and still within tol here
+    with ls.HessianOperator(obj) as op:
+        gap = ls.eigenvalues(op, k=1, tol=1e-3, criterion="gap")
+    assert gap.steps <= loose.steps and gap.converged
+    assert abs(gap.top[0] - float(w[-1])) <= 1e-3 * norm
+    with pytest.raises(ValueError, match="criterion"):
+        ls.eigenvalues(obj, criterion="vibes")
 
 
 def test_per_block_eigenvalues_match_the_dense_blocks():

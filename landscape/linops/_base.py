@@ -115,7 +115,7 @@ class CurvatureOperator:
 
     def _quadratic_forms(self, vs: list[dict[str, Tensor]], names: tuple[str, ...]) -> list[float]:
         out = self._products(vs, names)
-        return [float(tree.dot(v, av)) for v, av in zip(vs, out)]
+        return [_dot(v, av, names) for v, av in zip(vs, out)]
 
     def _release(self) -> None:
         """Drop whatever the session keeps (retained graphs)."""
@@ -209,6 +209,11 @@ class CurvatureOperator:
                 f"{self.n_products} products{', closed' if self._closed else ''})")
 
 
+def _dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor], names: Iterable[str]) -> float:
+    """``Σ aᵢbᵢ`` accumulated in float64 (the products in the tensors' dtype)."""
+    return float(sum(torch.sum(a[n] * b[n], dtype=torch.float64) for n in names))
+
+
 class FlatView:
     """``A[B, B]`` acting on flat vectors of length ``n`` (concatenated in ``names`` order).
 
@@ -227,21 +232,38 @@ class FlatView:
         first = next(iter(self.like.values()))
         self.dtype = first.dtype
         self.device = first.device
+        self._sizes = [t.numel() for t in self.like.values()]
+        self._shapes = [t.shape for t in self.like.values()]
+        self._uniform = all(t.dtype == self.dtype and t.device == self.device for t in self.like.values())
 
     def unflatten(self, x: Tensor) -> dict[str, Tensor]:
-        return tree.unflatten(x.to(self.device), self.like)
+        if not self._uniform:
+            return tree.unflatten(x.to(self.device), self.like)
+        x = x.to(dtype=self.dtype, device=self.device)
+        return {n: c.view(s) for n, c, s in zip(self.names, torch.split(x, self._sizes), self._shapes)}
 
     def flatten(self, v: Mapping[str, Tensor]) -> Tensor:
-        return tree.flatten({n: v[n] for n in self.names}, self.names).to(self.dtype)
+        return torch.cat([v[n].reshape(-1).to(self.dtype) for n in self.names])
+
+    def _vectors(self, xs: Sequence[Tensor]) -> list[dict[str, Tensor]]:
+        if self._uniform:  # shapes, dtype and device are right by construction: skip the checks
+            return [self.unflatten(x) for x in xs]
+        return [self.op._prepare(self.unflatten(x), self.names, "vector") for x in xs]
 
     def mv(self, x: Tensor) -> Tensor:
-        return self.flatten(self.op.matvec(self.unflatten(x), self.names))
+        return self.mvs([x])[0]
 
     def mvs(self, xs: Sequence[Tensor]) -> list[Tensor]:
-        return [self.flatten(y) for y in self.op.matvecs([self.unflatten(x) for x in xs], self.names)]
+        self.op._check_open()
+        out = self.op._products(self._vectors(xs), self.names)
+        self.op.n_products += len(xs)
+        return [self.flatten(y) for y in out]
 
     def quadratic_forms(self, xs: Sequence[Tensor]) -> list[float]:
-        return self.op.quadratic_forms([self.unflatten(x) for x in xs], self.names)
+        self.op._check_open()
+        out = self.op._quadratic_forms(self._vectors(xs), self.names)
+        self.op.n_products += len(xs)
+        return out
 
 
 def rademacher(n: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device | str = "cpu") -> Tensor:

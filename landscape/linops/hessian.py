@@ -151,7 +151,7 @@ class HessianOperator(CurvatureOperator):
         return self._loss, self._grad
 
     def _products(self, vs: list[dict[str, Tensor]], names: tuple[str, ...]) -> list[dict[str, Tensor]]:
-        out = [{n: torch.zeros_like(self.point[n]) for n in names} for _ in vs]
+        out: list[dict[str, Tensor]] = [{} for _ in vs]
         k = len(vs)
         for w, leaves, grads in self._graph_iter():
             live = [n for n in names if grads[n] is not None and grads[n].requires_grad]
@@ -163,9 +163,18 @@ class HessianOperator(CurvatureOperator):
                     [grads[n] for n in live], inputs, grad_outputs=[v[n] for n in live],
                     retain_graph=self.keep or i < k - 1, allow_unused=True,
                 )
+                acc = out[i]
                 for n, h in zip(names, prods):
-                    if h is not None:
-                        out[i][n].add_(h, alpha=w)
+                    if h is None:
+                        continue
+                    if n not in acc:  # the first micro-batch: keep the product itself (no copy)
+                        acc[n] = h.mul_(w) if w != 1.0 else h
+                    else:
+                        acc[n].add_(h, alpha=w)
+        for acc in out:
+            for n in names:
+                if n not in acc:
+                    acc[n] = torch.zeros_like(self.point[n])
         return out
 
     def _release(self) -> None:
