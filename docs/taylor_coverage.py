@@ -3,8 +3,14 @@
 Builds tiny random models (nothing is downloaded) of many `transformers` architectures in float64 and
 prints, for each, whether ``Objective.taylor_support()`` accepts its loss (else the reason) and the
 relative difference of ûᵀHû and of ∇f·û between ``method="taylor"`` and ``method="hvp"``. Hugging Face
-upcasts parts of some models (the LM loss, RMSNorm, rotary tables) to float32 even in a float64 model,
-so those agree to float32 rounding; the others to float64 rounding.
+upcasts parts of some models (the LM loss, RMSNorm, rotary tables, BLOOM's softmax) to float32 even in
+a float64 model, so those agree to float32 rounding; the others to float64 rounding.
+
+The second table feeds the batches fine-tuning uses: padded to the longest sequence (on the right, and
+on the left as for generation) with ``attention_mask`` (T5 also with ``decoder_attention_mask``), under
+the default (SDPA) and the eager attention implementation. Hugging Face branches on the mask and calls
+``.item()`` on it; values computed from the batch alone are constants of the recording, so these trace
+like the unpadded ones.
 
     python docs/taylor_coverage.py
 """
@@ -23,8 +29,32 @@ from landscape import tree
 V = 40
 
 
-def small(name):
-    """(model, kind) for a tiny config of each architecture."""
+def small(name, **extra):
+    """(model, kind) for a tiny config of each architecture (``extra``: more config keywords)."""
+    with _extra_config(extra):
+        return _small(name)
+
+
+class _extra_config:
+    """Every config built inside gets ``extra`` keywords (the attention implementation, say)."""
+
+    def __init__(self, extra):
+        self.extra = extra
+
+    def __enter__(self):
+        self.init = T.PretrainedConfig.__init__
+        extra, init = self.extra, self.init
+
+        def patched(cfg, *args, **kwargs):
+            init(cfg, *args, **{**kwargs, **extra})
+
+        T.PretrainedConfig.__init__ = patched
+
+    def __exit__(self, *exc):
+        T.PretrainedConfig.__init__ = self.init
+
+
+def _small(name):
     if name == "gpt2":
         return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=V, n_positions=32, n_embd=16, n_layer=2, n_head=2,
                                               attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)), "lm"
@@ -102,6 +132,67 @@ def batch_for(kind):
     return {"pixel_values": torch.randn(2, 3, 8, 8, dtype=torch.float64), "labels": torch.randint(0, 3, (2,))}
 
 
+MASK = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0]])
+
+
+def padded_batch_for(kind, side, pad_id):
+    """A padded batch with its attention mask (labels -100 at the padding), padded on ``side``."""
+    mask = MASK if side == "right" else MASK.flip(1)
+    ids = torch.randint(2, V, mask.shape).masked_fill(mask == 0, pad_id)
+    if kind == "lm":
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    if kind == "s2s":
+        dec = MASK[:, :5].flip(0)
+        labels = torch.randint(2, V, dec.shape).masked_fill(dec == 0, -100)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "decoder_attention_mask": dec}
+    if kind == "cls":
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 3, (3,))}
+    return None
+
+
+def compare(obj):
+    """Relative differences of ûᵀHû and ∇f·û between the two engines along one random direction."""
+    u = tree.randn_like(obj.params(), torch.Generator().manual_seed(0))
+    _, g1, s1, _ = obj.directional_derivatives([u], method="taylor")
+    _, g2, s2, _ = obj.directional_derivatives([u], method="hvp")
+    return abs(s1[0] - s2[0]) / abs(s2[0]), abs(g1[0] - g2[0]) / abs(g2[0])
+
+
+def masked():
+    """The second table: padded batches with attention masks."""
+    print()
+    print("padded batches with attention_mask (T5: and decoder_attention_mask); rel. diff of uᵀHu / ∇f·u")
+    print(f"{'architecture':14s} {'attention':10s} {'right padding':>22s} {'left padding':>22s}")
+    fallbacks = []
+    for name in NAMES:
+        for impl in ("sdpa", "eager"):
+            model, kind = small(name, attn_implementation=impl)
+            model = model.double().eval()
+            pad = getattr(model.config, "pad_token_id", None) or 0
+            cells = []
+            for side in ("right", "left"):
+                batch = padded_batch_for(kind, side, pad)
+                if batch is None:
+                    cells.append("(no mask)")
+                    continue
+                try:
+                    obj = ls.Objective(model, lambda m, b: m(**b).loss, batch)
+                except ls.NonFiniteError:  # the model's own loss, before any engine runs
+                    cells.append("loss is NaN")
+                    fallbacks.append(f"{name} ({impl}, {side} padding): the model's own loss is NaN on this batch")
+                    continue
+                reason = obj.taylor_support()
+                if reason is not None:
+                    cells.append("falls back")
+                    fallbacks.append(f"{name} ({impl}, {side} padding): {reason}")
+                    continue
+                ds, dg = compare(obj)
+                cells.append(f"{ds:.1e} / {dg:.1e}")
+            print(f"{name:14s} {impl:10s} {cells[0]:>22s} {cells[1]:>22s}")
+    for line in fallbacks:
+        print("  ", line)
+
+
 def main():
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)
@@ -115,10 +206,9 @@ def main():
         if reason is not None:
             print(f"{name:14s} {'falls back':14s} {reason}")
             continue
-        u = tree.randn_like(obj.params(), torch.Generator().manual_seed(0))
-        _, g1, s1, _ = obj.directional_derivatives([u], method="taylor")
-        _, g2, s2, _ = obj.directional_derivatives([u], method="hvp")
-        print(f"{name:14s} {'supported':14s} {abs(s1[0] - s2[0]) / abs(s2[0]):15.1e} {abs(g1[0] - g2[0]) / abs(g2[0]):15.1e}")
+        ds, dg = compare(obj)
+        print(f"{name:14s} {'supported':14s} {ds:15.1e} {dg:15.1e}")
+    masked()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ Example:
     True
 """
 
-from landscape import linops, optim, smoothness, tree
+from landscape import linops, optim, planes, smoothness, tree
 from landscape._version import __version__
 from landscape.curvature import (
     Sharpness,
@@ -41,6 +41,20 @@ from landscape.linops import (
 from landscape.measure import MeasureSettings, measure_step
 from landscape.objective import DeterminismError, MicroBatches, NonFiniteError, Objective
 from landscape.optim import PseudoUpdates
+from landscape.planes import (
+    LossGrid,
+    Plane,
+    filter_normalize,
+    interpolation,
+    load_plane,
+    loss_line,
+    loss_plane,
+    measure_plane,
+    pca_plane,
+    random_direction,
+    random_plane,
+    update_plane,
+)
 from landscape.probe import Probe
 from landscape.smoothness import (
     CoordinateSamples,
@@ -54,7 +68,7 @@ from landscape.smoothness import (
     robust_smoothness,
 )
 from landscape.stability import adam_preconditioner, preconditioned_sharpness, stability_threshold
-from landscape.store import Run, RunMismatchError, RunStore, load_run
+from landscape.store import Run, RunLockedError, RunMismatchError, RunStore, load_run
 from landscape.trace import hutchinson_trace, hutchpp_trace
 
 __all__ = [
@@ -103,6 +117,20 @@ __all__ = [
     "fit_per_layer",
     "robust_smoothness",
     "RobustSmoothness",
+    # planes and lines (Li et al. 2018; Goodfellow et al. 2015)
+    "planes",
+    "loss_plane",
+    "loss_line",
+    "LossGrid",
+    "Plane",
+    "random_plane",
+    "random_direction",
+    "filter_normalize",
+    "update_plane",
+    "pca_plane",
+    "interpolation",
+    "measure_plane",
+    "load_plane",
     # optimizers as transforms, pseudo-updates
     "optim",
     "PseudoUpdates",
@@ -113,6 +141,7 @@ __all__ = [
     "RunStore",
     "Run",
     "RunMismatchError",
+    "RunLockedError",
     "load_run",
     # helpers
     "tree",

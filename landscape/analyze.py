@@ -54,6 +54,7 @@ import math
 import os
 import platform
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -77,7 +78,7 @@ from landscape.measure import MeasureSettings, measure_step
 from landscape.objective import MicroBatches, NonFiniteError, Objective
 from landscape.optim import PseudoUpdates, recipe_names
 from landscape.probe import batch_fingerprint
-from landscape.store import RunStore
+from landscape.store import DB_NAME, LOCK_NAME, RunStore, WriterLock
 
 __all__ = ["AnalyzeResult", "REAL_DIRECTION", "Spec", "SpecError", "analyze", "as_spec", "load_spec"]
 
@@ -234,6 +235,7 @@ class AnalyzeResult:
         already: steps skipped because an earlier run measured them (resume).
         failed: ``{step: reason}`` for measurements that failed (non-finite loss...) or gradients
             that were not finite (the checkpoint was then not fed to the recipes).
+        engine: the sharpness engine of the last measurement (``"taylor"`` or ``"hvp"``).
     """
 
     out: Path
@@ -241,6 +243,7 @@ class AnalyzeResult:
     measured: list[int] = field(default_factory=list)
     already: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
+    engine: str | None = None
 
 
 class _Batches:
@@ -397,11 +400,17 @@ def analyze(
         **dict(meta or {}),
     }
 
-    store = RunStore(out, settings=run_settings, meta=run_meta)
-    try:
+    # A new run folder is created at the first write, not now: input that turns out bad at the first
+    # checkpoint (a spec that does not fit it) leaves nothing behind to refuse the corrected command.
+    store: RunStore | _LazyStore
+    if (Path(out) / DB_NAME).is_file():
+        store = RunStore(out, settings=run_settings, meta=run_meta)
         run = store.run()
-        done = set(run.steps("sharpness"))
-        have_rows = set(run.steps("steps"))
+        done, have_rows = set(run.steps("sharpness")), set(run.steps("steps"))
+    else:
+        store = _LazyStore(Path(out), run_settings, run_meta)
+        done, have_rows = set(), set()
+    try:
         due = [k for k in range(len(ordered)) if k % every == 0]
         todo = [k for k in due if ordered[k][0] not in done]
         result.already = [ordered[k][0] for k in due if ordered[k][0] in done]
@@ -420,6 +429,62 @@ def analyze(
     return result
 
 
+class _LazyStore:
+    """A :class:`RunStore` made at its first write. The folder's writer lock is taken at once (a second
+    writer is still refused immediately); when nothing was ever written, :meth:`close` removes the lock
+    file and the folder it made."""
+
+    def __init__(self, path: Path, settings: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+        self.path = path
+        self._settings, self._meta = settings, meta
+        missing = []
+        p = path
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        path.mkdir(parents=True, exist_ok=True)
+        self._made = missing  # folders this call created, deepest first
+        self._lock = WriterLock(path)
+        try:
+            self._lock.acquire()
+        except BaseException:
+            self._remove_made()
+            raise
+        self._store: RunStore | None = None
+        self._t0 = time.time()
+
+    def _get(self) -> RunStore:
+        if self._store is None:
+            self._store = RunStore(self.path, settings=self._settings, meta=self._meta, writer_lock=self._lock)
+        return self._store
+
+    def write(self, table: str, rows: Any) -> int:
+        return self._get().write(table, rows)
+
+    def log_event(self, step: int | None, kind: str, message: str) -> None:
+        self._get().log_event(step, kind, message)
+
+    def transaction(self) -> Any:
+        return self._get().transaction()
+
+    def elapsed(self) -> float:
+        return self._store.elapsed() if self._store is not None else time.time() - self._t0
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            return
+        self._lock.release()
+        with contextlib.suppress(OSError):
+            (self.path / LOCK_NAME).unlink()
+        self._remove_made()
+
+    def _remove_made(self) -> None:
+        for folder in self._made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty
+
+
 def _run(
     spec: Spec,
     objective: Objective,
@@ -427,7 +492,7 @@ def _run(
     ordered: list[tuple[int, Any]],
     due: list[int],
     todo: list[int],
-    store: RunStore,
+    store: RunStore | _LazyStore,
     have_rows: set[int],
     result: AnalyzeResult,
     recipes: list[str],
@@ -535,7 +600,7 @@ def _measure(
     x_next: dict[str, Tensor] | None,
     st: MeasureSettings,
     index: int,
-    store: RunStore,
+    store: RunStore | _LazyStore,
     step_rows: list[dict[str, Any]],
     result: AnalyzeResult,
 ) -> None:
@@ -559,9 +624,13 @@ def _measure(
         return
     rows.pop("_grad", None)
     rows.pop("_timings", None)
+    engine = rows.pop("_engine")[0]
     for event in rows.pop("_events", []):
         store.log_event(step, "warning", event["message"])
     with store.transaction():
+        if engine["engine"] != result.engine:  # an event when the engine is first chosen, or changes
+            store.log_event(step, "engine", engine["message"])
+            result.engine = engine["engine"]
         if step_rows:
             store.write("steps", step_rows)
             step_rows.clear()

@@ -29,16 +29,29 @@ checkpoint, a ``step`` / ``global_step`` entry of a ``.pt`` dict or of the safet
 Every problem with a checkpoint raises :class:`CheckpointError`, a one-line message that names the
 file and what is wrong with it (missing, corrupt or truncated, unsafe, missing / unexpected /
 mis-shaped keys, non-finite weights).
+
+Hostile or damaged files are refused, never followed: only regular files are read (a symlink to
+``/dev/zero`` or a FIFO named ``.pt`` is refused before it is opened, a symlink loop is named), JSON
+side files (``config.json``, shard indexes, ``trainer_state.json``) are read up to
+:data:`MAX_JSON_BYTES`, the pickle stream of a ``torch.save`` file up to :data:`MAX_PICKLE_BYTES`,
+every member of a ``torch.save`` zip is checked against its CRC before its weights are used, a shard
+index may only name files inside its own folder, a step must be an integer in ``[0, 2⁶³)``, and the
+weights must be dense CPU tensors whose dtypes match the model's (an int64 tensor for a float
+parameter is refused, not cast). Paths that are not valid UTF-8 are read through Python file objects.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import io
 import json
 import math
+import os
 import pickletools
 import re
+import stat
+import warnings
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +63,9 @@ from torch import Tensor, nn
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
+    "MAX_JSON_BYTES",
+    "MAX_PICKLE_BYTES",
+    "MAX_STEP",
     "ORDERS",
     "Checkpoint",
     "CheckpointError",
@@ -80,6 +96,12 @@ _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_mod
 _STATE_KEYS = ("state_dict", "model_state_dict", "model", "module")
 _STEP_KEYS = ("global_step", "step", "iteration", "iter", "num_updates")
 _STRIP_PREFIXES = ("module.", "_orig_mod.", "model.")
+#: The largest JSON side file read (config.json, a shard index, trainer_state.json).
+MAX_JSON_BYTES = 64 * 2**20
+#: The largest pickle stream read from a checkpoint (tensors are stored beside it in a torch.save zip).
+MAX_PICKLE_BYTES = 1 * 2**30
+#: Steps are stored as SQLite integers: [0, 2**63).
+MAX_STEP = 2**63 - 1
 #: Modules whose globals the weights-only unpickler may legitimately meet (torch's own types).
 _SAFE_MODULES = ("torch", "collections", "builtins", "_codecs", "numpy")
 
@@ -136,8 +158,75 @@ class LoadedCheckpoint:
 # finding and ordering
 
 
+_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    """``os.stat`` (symlinks followed), ``None`` when nothing is there; a symlink loop is an error."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CheckpointError(f"{path} is a symbolic link loop (it never reaches a file)") from None
+        if e.errno == errno.ENOTDIR:
+            return None
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _regular_file(path: Path) -> Path:
+    """``path`` when it is a regular file (after symlinks); else a :class:`CheckpointError` saying what
+    it is, before anything is opened (a FIFO would block, /dev/zero never ends)."""
+    st = _stat(path)
+    if st is None:
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((k for test, k in _KINDS if test(st.st_mode)), "not a regular file")
+        raise CheckpointError(f"{path} is {kind}, not a regular file: checkpoints are read from regular files only")
+    return path
+
+
+def _is_file(path: Path) -> bool:
+    st = _stat(path)
+    return st is not None and stat.S_ISREG(st.st_mode)
+
+
+def _is_dir(path: Path) -> bool:
+    st = _stat(path)
+    return st is not None and stat.S_ISDIR(st.st_mode)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """A JSON side file, size-bounded; :class:`CheckpointError` when it is not valid JSON."""
+    _regular_file(path)
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: {what} is {size:,} bytes, more than the {MAX_JSON_BYTES:,} a {what} may have")
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read(MAX_JSON_BYTES + 1).decode("utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a valid {what} ({_short(e)})") from None
+
+
+def _utf8(path: Path) -> bool:
+    try:
+        str(path).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _is_hf_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file() and any((path / w).is_file() for w in _HF_WEIGHTS)
+    return _is_dir(path) and _is_file(path / "config.json") and any(_is_file(path / w) for w in _HF_WEIGHTS)
+
+
+def _checked_step(step: int | None, path: Path) -> int | None:
+    if step is not None and not 0 <= step <= MAX_STEP:
+        raise CheckpointError(f"{path}: its step {step} is out of range (a step is an integer in [0, 2^63))")
+    return step
 
 
 def checkpoint_format(path: str | Path) -> str:
@@ -148,8 +237,11 @@ def checkpoint_format(path: str | Path) -> str:
     """
     path = Path(path)
     if _is_hf_folder(path):
+        config = _read_json(path / "config.json", "config.json")
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{path / 'config.json'}: not a model configuration (a JSON object expected)")
         return "hf"
-    if path.is_dir():
+    if _is_dir(path):
         raise CheckpointError(
             f"{path} is a folder but not a Hugging Face save_pretrained folder (config.json and "
             "model.safetensors or pytorch_model.bin)"
@@ -160,6 +252,7 @@ def checkpoint_format(path: str | Path) -> str:
             f"{path}: unknown checkpoint format {path.suffix or '(no suffix)'!r}; expected "
             f"{', '.join(CHECKPOINT_SUFFIXES)} or a save_pretrained folder"
         )
+    _regular_file(path)
     return fmt
 
 
@@ -179,7 +272,9 @@ def find_checkpoints(inputs: Sequence[str | Path]) -> list[Path]:
     found: list[Path] = []
     for raw in inputs:
         path = Path(raw)
-        if path.exists():
+        if not str(raw).strip():
+            raise CheckpointError("an empty checkpoint argument: pass files, folders or glob patterns")
+        if os.path.lexists(path):
             candidates = [path]
         elif glob.has_magic(str(raw)):
             candidates = [Path(p) for p in sorted(glob.glob(str(raw)))]
@@ -189,11 +284,12 @@ def find_checkpoints(inputs: Sequence[str | Path]) -> list[Path]:
         else:
             raise CheckpointError(f"checkpoint not found: {path}")
         for p in candidates:
-            if p.is_dir() and not _is_hf_folder(p):
+            if _is_dir(p) and not _is_hf_folder(p):
                 inside = sorted(
                     c
                     for c in p.iterdir()
-                    if (c.is_file() and c.suffix.lower() in CHECKPOINT_SUFFIXES) or _is_hf_folder(c)
+                    if (c.suffix.lower() in CHECKPOINT_SUFFIXES and os.path.lexists(c) and not _is_dir(c))
+                    or _is_hf_folder(c)
                 )
                 if not inside:
                     raise CheckpointError(
@@ -207,6 +303,7 @@ def find_checkpoints(inputs: Sequence[str | Path]) -> list[Path]:
     seen: set[Path] = set()
     out = []
     for p in found:
+        _stat(p)  # a symlink loop is named here
         key = p.resolve()
         if key not in seen:
             seen.add(key)
@@ -251,10 +348,10 @@ def describe_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
     corrupt and truncated files."""
     path = Path(path)
     fmt = checkpoint_format(path)
-    step = _metadata_step(path, fmt, trust)
+    step = _checked_step(_metadata_step(path, fmt, trust), path)
     source = "metadata" if step is not None else None
     if step is None:
-        step = step_from_name(path)
+        step = _checked_step(step_from_name(path), path)
         source = "name" if step is not None else None
     weights = _hf_weights(path)[0] if fmt == "hf" else path
     return Checkpoint(path=path, format=fmt, step=step, step_source=source, mtime=weights.stat().st_mtime)
@@ -312,19 +409,29 @@ def order_checkpoints(checkpoints: Iterable[Checkpoint], order: str = "step") ->
 def _hf_weights(folder: Path) -> list[Path]:
     for name in _HF_WEIGHTS:
         f = folder / name
-        if not f.is_file():
+        if not _is_file(f):
             continue
         if name.endswith(".index.json"):
+            index = _read_json(f, "shard index")
             try:
-                index = json.loads(f.read_text(encoding="utf-8"))
                 shards = sorted(set(index["weight_map"].values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                if not all(isinstance(s, str) and s for s in shards):
+                    raise TypeError("shard names must be non-empty strings")
+            except (KeyError, TypeError, AttributeError) as e:
                 raise CheckpointError(f"{f}: not a valid shard index ({type(e).__name__}: {e})") from None
-            missing = [s for s in shards if not (folder / s).is_file()]
+            root = folder.resolve()
+            for shard in shards:
+                target = (folder / shard).resolve()
+                if not target.is_relative_to(root) or target == root:
+                    raise CheckpointError(
+                        f"{f} names the shard {shard!r}, which lies outside the checkpoint folder {folder}: refused "
+                        "(an index may only name files inside its own folder)"
+                    )
+            missing = [s for s in shards if not _is_file(folder / s)]
             if missing:
                 raise CheckpointError(f"{folder}: shard {missing[0]} listed in {name} is missing")
-            return [folder / s for s in shards]
-        return [f]
+            return [_regular_file(folder / s) for s in shards]
+        return [_regular_file(f)]
     raise CheckpointError(f"{folder}: no model.safetensors or pytorch_model.bin in this folder")
 
 
@@ -343,24 +450,55 @@ def _read_safetensors(path: Path, *, tensors: bool) -> tuple[dict[str, Tensor], 
         from safetensors import safe_open
     except ImportError:  # pragma: no cover - an optional dependency
         raise CheckpointError(f"{path}: reading .safetensors needs the safetensors package: pip install safetensors") from None
+    _regular_file(path)
     try:
+        if not _utf8(path):  # the Rust reader takes UTF-8 names only: read the bytes here
+            return _read_safetensors_bytes(path, tensors=tensors)
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
             out = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+    except CheckpointError:
+        raise
     except Exception as e:  # safetensors raises its own error type (and OSError) for bad files
         raise _safetensors_error(path, e) from None
     return out, meta
 
 
+def _read_safetensors_bytes(path: Path, *, tensors: bool) -> tuple[dict[str, Tensor], dict[str, str]]:
+    from safetensors.torch import load as load_bytes
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"cannot read {path}: corrupt or truncated safetensors file (no header)")
+        n = int.from_bytes(head, "little")
+        if n > MAX_JSON_BYTES:
+            raise CheckpointError(f"cannot read {path}: corrupt safetensors file (a {n:,}-byte header)")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except ValueError as e:
+            raise _safetensors_error(path, e) from None
+        meta = dict(header.get("__metadata__") or {}) if isinstance(header, dict) else {}
+        if not tensors:
+            return {}, meta
+        f.seek(0)
+        return dict(load_bytes(f.read())), meta
+
+
 def _pickle_bytes(path: Path) -> bytes | None:
     """The pickle stream of a ``torch.save`` file (``*/data.pkl`` inside its zip) or of a plain pickle."""
     try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z:
-                names = [n for n in z.namelist() if n.endswith("data.pkl")]
-                return z.read(names[0]) if names else None
-        return path.read_bytes()
-    except (OSError, zipfile.BadZipFile, KeyError, EOFError):
+        with open(path, "rb") as f:
+            if zipfile.is_zipfile(f):
+                with zipfile.ZipFile(f) as z:
+                    names = [n for n in z.namelist() if n.endswith("data.pkl")]
+                    if not names or z.getinfo(names[0]).file_size > MAX_PICKLE_BYTES:
+                        return None
+                    return z.read(names[0])
+            f.seek(0)
+            data = f.read(MAX_PICKLE_BYTES + 1)
+            return data if len(data) <= MAX_PICKLE_BYTES else None
+    except (OSError, zipfile.BadZipFile, KeyError, EOFError, ValueError):
         return None
 
 
@@ -390,15 +528,48 @@ def _unsafe(found: Iterable[str]) -> list[str]:
     return out
 
 
-def _torch_load(path: Path, trust: bool) -> Any:
+def _verify_zip(path: Path) -> None:
+    """Check every member of a ``torch.save`` zip against its CRC (torch's reader does not), and
+    bound its pickle stream."""
+    try:
+        with open(path, "rb") as f:
+            if not zipfile.is_zipfile(f):
+                return
+            with zipfile.ZipFile(f) as z:
+                for info in z.infolist():
+                    if info.filename.endswith("data.pkl") and info.file_size > MAX_PICKLE_BYTES:
+                        raise CheckpointError(
+                            f"cannot read {path}: its pickle stream is {info.file_size:,} bytes, more than the "
+                            f"{MAX_PICKLE_BYTES:,} a checkpoint's may have"
+                        )
+                bad = z.testzip()
+    except CheckpointError:
+        raise
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: corrupt or truncated file ({_short(e)})") from None
+    if bad is not None:
+        raise CheckpointError(
+            f"cannot read {path}: its member {bad!r} fails its CRC check (the file is corrupt; its weights were not used)"
+        )
+
+
+def _torch_load(path: Path, trust: bool, *, verify: bool = False) -> Any:
+    _regular_file(path)
+    if verify:
+        _verify_zip(path)
     kwargs: dict[str, Any] = {"map_location": "cpu", "weights_only": not trust}
     try:
-        try:
-            return torch.load(path, mmap=True, **kwargs)
-        except RuntimeError as e:
-            if "mmap" not in str(e):  # the legacy (non-zip) format cannot be memory-mapped
-                raise
-            return torch.load(path, **kwargs)
+        with warnings.catch_warnings():  # torch's own warnings (pickle protocol...) would precede our one line
+            warnings.simplefilter("ignore")
+            if not _utf8(path):  # torch opens names as UTF-8 only: hand it the open file
+                with open(path, "rb") as f:
+                    return torch.load(f, **kwargs)
+            try:
+                return torch.load(path, mmap=True, **kwargs)
+            except RuntimeError as e:
+                if "mmap" not in str(e):  # the legacy (non-zip) format cannot be memory-mapped
+                    raise
+                return torch.load(path, **kwargs)
     except Exception as e:
         if isinstance(e, CheckpointError):
             raise
@@ -523,15 +694,7 @@ def _metadata_step(path: Path, fmt: str, trust: bool) -> int | None:
                 _read_safetensors(w, tensors=False)
             else:
                 _torch_load(w, trust)
-        state = path / "trainer_state.json"
-        if state.is_file():
-            try:
-                step = _as_int(json.loads(state.read_text(encoding="utf-8")).get("global_step"))
-            except (OSError, ValueError, AttributeError):
-                step = None
-            if step is not None:
-                return step
-        return None
+        return _trainer_state_step(path)
     return _dict_step(_torch_load(path, trust))
 
 
@@ -547,33 +710,37 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> LoadedCheckpoin
         CheckpointError: missing, corrupt or truncated files, no state_dict inside.
     """
     path = Path(path)
-    if not path.exists():
+    if _stat(path) is None:
         raise CheckpointError(f"checkpoint not found: {path}")
     fmt = checkpoint_format(path)
     if fmt == "safetensors":
         sd, meta = _read_safetensors(path, tensors=True)
         step = next((s for k in _STEP_KEYS if (s := _as_int(meta.get(k))) is not None), None)
-        return LoadedCheckpoint(sd, step=step, format=fmt, extra={"metadata": meta})
+        return LoadedCheckpoint(sd, step=_checked_step(step, path), format=fmt, extra={"metadata": meta})
     if fmt == "hf":
         sd = {}
         for w in _hf_weights(path):
             if w.suffix == ".safetensors":
                 part, _ = _read_safetensors(w, tensors=True)
             else:
-                part = _extract_state_dict(_torch_load(w, trust), w)
+                part = _extract_state_dict(_torch_load(w, trust, verify=True), w)
             sd.update(part)
-        step = None
-        state = path / "trainer_state.json"
-        if state.is_file():
-            try:
-                step = _as_int(json.loads(state.read_text(encoding="utf-8")).get("global_step"))
-            except (OSError, ValueError, AttributeError):
-                step = None
-        return LoadedCheckpoint(sd, step=step, format=fmt)
-    obj = _torch_load(path, trust)
+        return LoadedCheckpoint(sd, step=_checked_step(_trainer_state_step(path), path), format=fmt)
+    obj = _torch_load(path, trust, verify=True)
     hyper = _dict_hyperparameters(obj)
-    return LoadedCheckpoint(_extract_state_dict(obj, path), step=_dict_step(obj), lr=_lr(hyper), format=fmt,
-                            hyperparameters=hyper)
+    return LoadedCheckpoint(_extract_state_dict(obj, path), step=_checked_step(_dict_step(obj), path), lr=_lr(hyper),
+                            format=fmt, hyperparameters=hyper)
+
+
+def _trainer_state_step(folder: Path) -> int | None:
+    state = folder / "trainer_state.json"
+    if not _is_file(state):
+        return None
+    try:
+        data = _read_json(state, "trainer_state.json")
+    except CheckpointError:
+        return None
+    return _as_int(data.get("global_step")) if isinstance(data, dict) else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -656,6 +823,21 @@ def fit_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], source: s
     for k in expected:
         v = sd[k] if k in sd else sd[next(o for o in twin[k] if o in sd)]
         out[k] = v
+    odd = [f"{k!r} is a {v.layout} tensor" for k, v in out.items() if v.layout != torch.strided]
+    odd += [f"{k!r} is on the {v.device.type} device (no data)" for k, v in out.items()
+            if v.layout == torch.strided and v.device.type == "meta"]
+    if odd:
+        raise CheckpointError(f"{source} does not hold plain dense weights: " + "; ".join(odd[:3])
+                              + (f" (+{len(odd) - 3} more)" if len(odd) > 3 else ""))
+    kinds = [
+        f"{k!r} is {v.dtype} in the checkpoint but {expected[k].dtype} in the model"
+        for k, v in out.items()
+        if v.is_floating_point() != expected[k].is_floating_point() or v.is_complex() != expected[k].is_complex()
+        or (v.dtype == torch.bool) != (expected[k].dtype == torch.bool)
+    ]
+    if kinds:
+        raise CheckpointError(f"{source} has weights of another kind than the model's (not cast): " + "; ".join(kinds[:3])
+                              + (f" (+{len(kinds) - 3} more)" if len(kinds) > 3 else ""))
     bad = [k for k, v in out.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise CheckpointError(f"{source} has non-finite weights (NaN or inf) in {_shown(bad)}")

@@ -20,6 +20,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import io
+import sqlite3
 import sys
 from collections.abc import Sequence
 from enum import Enum
@@ -48,6 +51,29 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+#: Options that name where output goes.
+_OUTPUT_OPTIONS = ("--out", "-o", "--output")
+
+
+def _empty_output_option(argv: Sequence[str]) -> str | None:
+    """The output option given an empty value, if any (``--out ""`` or ``--out=``)."""
+    for i, a in enumerate(argv):
+        if a == "--":
+            break
+        if a in _OUTPUT_OPTIONS and i + 1 < len(argv) and not argv[i + 1].strip():
+            return a
+        name, eq, value = a.partition("=")
+        if eq and name in _OUTPUT_OPTIONS and not value.strip():
+            return name
+    return None
+
+
+def _os_error(e: OSError) -> str:
+    what = f"{e.filename}" if e.filename else "a file"
+    reason = e.strerror or str(e) or type(e).__name__
+    return f"cannot write {what}: {reason}" if not isinstance(e, FileNotFoundError) else f"{what}: {reason}"
+
+
 class _OneLineErrors(TyperGroup):
     """Typer group whose errors are one plain line on stderr (no usage box, no traceback).
 
@@ -63,6 +89,14 @@ class _OneLineErrors(TyperGroup):
         prog = prog_name or "landscape"
         sub = next((a for a in argv if not a.startswith("-")), None)
         where = f"{prog} {sub}" if sub in self.commands else prog
+        for stream in (sys.stdout, sys.stderr):  # a path that is not valid UTF-8 is shown escaped, not a crash
+            with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
+                stream.reconfigure(errors="backslashreplace")
+        empty = _empty_output_option(argv)
+        if empty is not None:  # Path("") is ".": it would write into the current folder
+            typer.echo(f"{where}: error: {empty} must name a path, got an empty string (it would write into the "
+                       "current folder)", err=True)
+            sys.exit(2)
         try:
             rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
         except typer.TyperException as e:
@@ -76,6 +110,12 @@ class _OneLineErrors(TyperGroup):
             sys.exit(e.exit_code)
         except USER_ERRORS as e:
             typer.echo(f"{where}: error: {_one_line(str(e))}", err=True)
+            sys.exit(2)
+        except OSError as e:  # the machine, not the program: a full disk, a read-only folder, a missing path
+            typer.echo(f"{where}: error: {_one_line(_os_error(e))}", err=True)
+            sys.exit(2)
+        except sqlite3.Error as e:  # the run store's database (disk full, I/O error)
+            typer.echo(f"{where}: error: cannot write the run store: {_one_line(str(e))}", err=True)
             sys.exit(2)
         except typer.Abort:
             typer.echo("Aborted!", err=True)
@@ -125,8 +165,12 @@ def plot(
     from landscape.plots import save_figures
     from landscape.store import load_run
 
-    paths = save_figures(load_run(run), out if out is not None else run / "figures", FigureFormat(fmt).value,
-                         every_step=every_step, only=[FigureName(n).value for n in only] if only else None)
+    folder = out if out is not None else run / "figures"
+    try:
+        paths = save_figures(load_run(run), folder, FigureFormat(fmt).value,
+                             every_step=every_step, only=[FigureName(n).value for n in only] if only else None)
+    except OSError as e:
+        raise CLIError(f"cannot write figures into {folder}: {e.strerror or e}") from None
     if not paths:
         typer.echo(f"no figures written: {run} has no measurements yet", err=True)
     for path in paths:
@@ -147,7 +191,7 @@ def report(
         help="Only this measured step (repeat for several). [default: every measured step]")] = None,
 ) -> None:
     """Tabulate the run: per measured step, each direction's sharpness, ratio to SGD (seed 002
-    Table 1) and gradient correlation, the median ratio per direction, run metadata, and the
+    Table 1) and gradient projection gᵀû, the median ratio per direction, run metadata, and the
     smoothness measurements when present."""
     from landscape.report import report as make_report
     from landscape.store import load_run
@@ -156,8 +200,12 @@ def report(
     if output is None:
         typer.echo(text, nl=False)
         return
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(text, encoding="utf-8")
+    try:
+        if not output.parent.is_dir():
+            output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise CLIError(f"cannot write {output}: {e.strerror or e}") from None
     typer.echo(str(output), err=True)
 
 
@@ -186,8 +234,8 @@ def demo(
 
     from landscape.demo import DemoConfig, run_demo
     from landscape.plots import save_figures
+    from landscape.report import ratio_exclusions, summary
     from landscape.report import report as make_report
-    from landscape.report import summary
     from landscape.store import load_run
 
     cfg = DemoConfig(steps=steps, every=every, optimizer=DemoOptimizer(optimizer).value, seed=seed)
@@ -209,9 +257,12 @@ def demo(
                f"measurement {t['measurement']:.1f} s); final training loss {result['final_loss']:.3f}")
     rows = summary(run)
     if rows:
-        typer.echo("median sharpness ratio to SGD over the measured steps:")
+        typer.echo("median sharpness ratio to SGD over the measured steps where SGD's sharpness is > 0:")
         for r in rows:
-            typer.echo(f"  {r['direction']:<20s} {r['median_ratio_to_sgd']:10.4g}")
+            typer.echo(f"  {r['direction']:<20s} {r['median_ratio_to_sgd']:10.4g}   ({r['n_ratio']}/{r['n_steps']} steps)")
+        excluded = ratio_exclusions(rows)
+        if excluded:
+            typer.echo(excluded)
     typer.echo(f"figures: {out / 'figures'} ({len(paths)} files); report: {out / 'report.md'}")
 
 
@@ -361,6 +412,8 @@ def main() -> None:
     """Entry point of the ``landscape`` console script."""
     app(prog_name="landscape")
 
+
+import landscape.plane_cli  # noqa: E402, F401  (registers `landscape plane`)
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,15 @@ Understanding Why Adam Converges Faster Than SGD for Transformers", §3):
 
 computed without materialising the Hessian: by a second-order Taylor sweep along ``û`` through the
 traced loss (:mod:`landscape.taylor`), or by Hessian-vector products. When ``S(u) < 0`` the seed
-(Appendix B.3, Eq. 4) reports the δ-shifted value ûᵀ ∇²f(x + δû) û with δ = 0.01 instead.
+(Appendix B.3, Eq. 4) reports a δ-shifted value instead, with δ = 0.01: the Hessian is taken a
+distance δ from ``x`` toward the step ``x − η·u``,
+
+    S_δ(u) = ûᵀ ∇²f(x − δû) û.
+
+The side matters. The second-order term of ``f(x_{t+1})`` involves ``∇²f(ξ)`` at some ``ξ`` between
+``x_t`` and ``x_{t+1} = x_t − η·u`` (Pan & Li, App. B.3), and the paper's own code stores the update
+with its sign (``x_{t+1} − x_t = −η·u``) and shifts by ``δ`` along it, i.e. to ``x − δû``. The other
+side, ``x + δû``, is where the step does not go.
 """
 
 from __future__ import annotations
@@ -51,14 +59,17 @@ class Sharpness:
         value: the reported sharpness: ``raw``, or ``shifted_value`` when the shift was used.
         raw: ``ûᵀ ∇²f(x) û``.
         shifted: whether the δ-shifted value was reported.
-        shifted_value: ``ûᵀ ∇²f(x + δû) û`` when it was computed (``None`` otherwise).
-        grad_correlation: ``G = ∇f(x)ᵀ û`` (positive: ``x − η·u`` descends).
+        shifted_value: ``ûᵀ ∇²f(x − δû) û`` (the Hessian a distance δ toward the step) when it was
+            computed (``None`` otherwise).
+        grad_correlation: the gradient projection ``G = ∇f(x)ᵀ û`` (positive: ``x − η·u`` descends).
+            A projection onto the unit direction, not a correlation coefficient; also available as
+            :attr:`grad_projection`.
         update_norm: ``‖u‖₂``.
         best_step: the quadratic model's best step ``s* = G / S`` along ``−û`` (``None`` when ``S ≤ 0``).
         predicted_reduction: the quadratic model's loss reduction ``G² / (2S)`` at ``s*`` (``None``
             when ``S ≤ 0``).
         loss: ``f(x)``.
-        delta: the shift δ.
+        delta: the shift δ (a distance, ≥ 0).
         mode: the objective's mode (``"eval"`` or ``"train"``).
     """
 
@@ -73,6 +84,11 @@ class Sharpness:
     loss: float
     delta: float
     mode: str
+
+    @property
+    def grad_projection(self) -> float:
+        """``∇f(x)ᵀ û``, the gradient's projection onto the unit direction (= :attr:`grad_correlation`)."""
+        return self.grad_correlation
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -116,7 +132,7 @@ def directional_sharpness(
     gradient, then one double-backward pass per direction through the retained graph, about 2× or
     more per direction); ``"auto"`` falls back to it when the traced loss uses an operator the sweep
     has no rule for. Both give the same numbers up to rounding (the tests check both against dense
-    Hessians). A shifted value needs a fresh evaluation at ``x + δû`` (one per shifted direction).
+    Hessians). A shifted value needs a fresh evaluation at ``x − δû`` (one per shifted direction).
 
     Args:
         objective: the function being measured.
@@ -124,13 +140,14 @@ def directional_sharpness(
             so a pseudo-update covering more parameters can be restricted with ``include=``). Only the
             direction matters: each is normalised to ``û = u/‖u‖₂``.
         at: the parameter point (default: the model's current parameters).
-        shift: ``"never"``, ``"negative"`` (the seed's rule: use ``ûᵀ∇²f(x+δû)û`` when the plain value
-            is negative) or ``"always"`` (compute both, report the shifted one).
-        delta: δ of the shift (seed 002, Appendix B.3, Eq. 4: 0.01).
+        shift: ``"never"``, ``"negative"`` (the seed's rule: use ``ûᵀ∇²f(x − δû)û`` when the plain
+            value is negative) or ``"always"`` (compute both, report the shifted one).
+        delta: δ of the shift, a distance ≥ 0 in parameter space (seed 002, Appendix B.3, Eq. 4:
+            0.01). The shifted point is ``x − δû``, on the side the step ``x − η·u`` moves to.
         method: ``"auto"``, ``"taylor"`` or ``"hvp"`` (see above).
         curvature: ``"hessian"`` (default) or ``"ggn"``: ``ûᵀGû`` of the Gauss–Newton matrix
             ``G = Jᵀ H_ℓ J`` (:mod:`landscape.linops.ggn`, computed as ``(Jû)ᵀ H_ℓ (Jû)``; ``method``
-            is then ignored). The shifted value uses the same matrix at ``x + δû``.
+            is then ignored). The shifted value uses the same matrix at ``x − δû``.
 
     Returns:
         ``{name: Sharpness}`` in the order given.
@@ -170,8 +187,7 @@ def _sharpness(
 ) -> tuple[dict[str, Sharpness], float, dict[str, Tensor] | None]:
     if shift not in SHIFT_POLICIES:
         raise ValueError(f"shift must be one of {SHIFT_POLICIES}, got {shift!r}")
-    if not math.isfinite(delta):
-        raise ValueError(f"delta must be finite, got {delta}")
+    _check_delta(delta)
     if method not in ("auto", "taylor", "hvp"):
         raise ValueError(f"method must be 'auto', 'taylor' or 'hvp', got {method!r}")
     if not directions:
@@ -226,7 +242,8 @@ def _sharpness(
         g_corr = float(g_corrs[i])
         shifted_value = None
         if shift == "always" or (shift == "negative" and raw < 0):
-            shifted_at = tree.axpy(delta, {n: units[i][n].to(point[n].dtype) for n in objective.names}, point)
+            # Toward the step x − η·u (seed 002 App. B.3): x − δû.
+            shifted_at = tree.axpy(-delta, {n: units[i][n].to(point[n].dtype) for n in objective.names}, point)
             if curvature != "hessian":
                 with curvature_operator(objective, curvature, shifted_at) as op:
                     shifted_value = float(op.quadratic_forms([units[i]])[0])
@@ -255,6 +272,17 @@ def _sharpness(
     return out, loss, grad
 
 
+def _check_delta(delta: float) -> None:
+    """δ is a distance: finite and ≥ 0 (the side of the shift is fixed: toward the step)."""
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)):
+        raise TypeError(f"delta must be a number (a distance >= 0), got {type(delta).__name__}")
+    if not (math.isfinite(delta) and delta >= 0):
+        raise ValueError(
+            f"delta must be a finite distance >= 0, got {delta!r}: the shifted sharpness is taken at x − δû, "
+            "toward the step, whatever the sign"
+        )
+
+
 def _first_order_mismatch(grad: dict[str, Tensor], units: list[dict[str, Tensor]], g_corrs: list[float]) -> str | None:
     """Why the Taylor sweep's ∇f·û disagrees with autograd's gradient (``None`` when it agrees to the
     rounding of the parameters' dtype, relative to ‖∇f‖)."""
@@ -264,7 +292,7 @@ def _first_order_mismatch(grad: dict[str, Tensor], units: list[dict[str, Tensor]
         ref = float(tree.dot(grad, u))
         if not abs(ref - g_corrs[i]) <= tol:
             return (
-                f"the Taylor sweep's gradient correlation ({g_corrs[i]!r}) disagrees with autograd's ({ref!r}): the "
+                f"the Taylor sweep's gradient projection ({g_corrs[i]!r}) disagrees with autograd's ({ref!r}): the "
                 "recorded loss no longer matches the model's derivatives (a flag that changes what is detached?)"
             )
     return None

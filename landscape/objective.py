@@ -135,6 +135,18 @@ def _agree(traced: float, direct: float) -> bool:
     return abs(traced - direct) <= 1e-5 * max(1.0, abs(direct))
 
 
+def _trace_failure(e: Exception) -> str:
+    """One line on why ``make_fx`` could not trace the loss."""
+    first = str(e).splitlines()[0] if str(e) else ""
+    if "_local_scalar_dense" in first or "data-dependent" in first:
+        # Values computed from the batch alone are constants of the trace: this one depends on the point.
+        return (
+            "Python control flow or .item() on a value that depends on the parameters or buffers; "
+            f"{type(e).__name__}: {first[:120]}"
+        )
+    return f"{type(e).__name__}: {first}"
+
+
 class _LossModule(nn.Module):
     """Wraps ``loss_fn(model, batch)`` as a module so ``torch.func.functional_call`` can swap the
     parameters of ``model`` for the duration of one call."""
@@ -445,7 +457,7 @@ class Objective:
                 models; raises :class:`~landscape.taylor.UnsupportedGraph` if the loss uses an operator
                 without a rule); ``"hvp"``: a Hessian-vector product per direction by double backward
                 (about 2× or more); ``"auto"`` (default): ``"taylor"`` when the traced loss is supported,
-                else ``"hvp"``.
+                else ``"hvp"``, with a ``RuntimeWarning`` naming the reason (once per ``Objective``).
 
         Returns:
             ``(loss, first, second, method_used)``.
@@ -466,9 +478,12 @@ class Objective:
 
                 raise UnsupportedGraph(f"the Taylor sweep does not support this loss: {reason}; use method='hvp'")
             if stale:
+                self._fallback_told = True
                 warnings.warn(
-                    f"landscape: {reason}; using Hessian-vector products here", RuntimeWarning, stacklevel=2
+                    f"landscape: {reason}; using Hessian-vector products from now on", RuntimeWarning, stacklevel=2
                 )
+            else:
+                self._tell_fallback(reason, stacklevel=3)
         def reduce(i: int, hv: dict[str, Tensor]) -> float:
             return float(tree.dot(vs_[i], hv))
 
@@ -495,10 +510,12 @@ class Objective:
                     return None, graphs, True
                 swept = self._taylor_sweep(graphs, point, vs)
                 if swept is None:
-                    return None, (
+                    reason = (
                         "the traced loss no longer reproduces the loss at this point (control flow that depends "
                         "on parameter values?)"
-                    ), True
+                    )
+                    self._disable_taylor(reason)
+                    return None, reason, True
         except NonFiniteError:
             raise
         except Exception as e:  # noqa: BLE001 - a rule that cannot handle this case: HVPs from now on
@@ -511,15 +528,36 @@ class Objective:
         return swept, None, False
 
     def _disable_taylor(self, reason: str) -> None:
-        """Use HVPs from now on (every recording is replaced by the reason)."""
+        """Use HVPs from now on (every recording is replaced by the reason; the caller has warned)."""
         cache = self.__dict__.setdefault("_taylor_cache", {})
         for key in list(cache):
             cache[key] = reason
+        self._fallback_told = True
+
+    def _tell_fallback(self, reason: str, stacklevel: int = 2) -> None:
+        """Warn, once per ``Objective``, that ``method="auto"`` uses Hessian-vector products, and why."""
+        if self.__dict__.get("_fallback_told"):
+            return
+        self._fallback_told = True
+        warnings.warn(
+            f"landscape: the Taylor sweep cannot be used for this loss ({reason}); directional sharpness uses "
+            "Hessian-vector products instead: the same numbers at about twice the cost. Ask for them explicitly "
+            "(method='hvp', MeasureSettings(method='hvp'), `landscape analyze --engine hvp`) to silence this warning.",
+            RuntimeWarning,
+            stacklevel=stacklevel + 1,
+        )
 
     def taylor_support(self, at: Mapping[str, Tensor] | None = None) -> str | None:
-        """``None`` when the Taylor sweep supports this loss, else the reason it does not."""
+        """``None`` when the Taylor sweep supports this loss, else the reason it does not.
+
+        The first time the reason is found (per ``Objective``) a ``RuntimeWarning`` says so: with
+        ``method="auto"`` the sharpness then comes from Hessian-vector products, at about twice the cost.
+        """
         graphs = self._taylor_graphs(self._point(at))
-        return graphs if isinstance(graphs, str) else None
+        if isinstance(graphs, str):
+            self._tell_fallback(graphs, stacklevel=3)
+            return graphs
+        return None
 
     def _taylor_inputs(self, point: Mapping[str, Tensor]) -> tuple[list[str], list[Tensor], list[Tensor]]:
         swap = self._swap(point)
@@ -566,7 +604,7 @@ class Objective:
                         traced = float(graph.primal(measured, self._taylor_inputs(point)[2]).loss)
                         direct = float(self._call(point, self.batches[i]))
             except Exception as e:  # noqa: BLE001 - any tracing failure means: use HVPs
-                reason = f"the loss could not be traced ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                reason = f"the loss could not be traced ({_trace_failure(e)})"
                 break
             if not _agree(traced, direct):
                 reason = f"the traced loss ({traced!r}) does not reproduce the loss ({direct!r})"

@@ -64,6 +64,8 @@ FIGURE_NAMES = ("training_loss", "sharpness_over_time", "sharpness_ratio", "land
 FIGURE_NAMES = FIGURE_NAMES + CURVATURE_FIGURE_NAMES
 
 _NEGATIVE_LABEL = "< 0 (|value| shown)"
+_SHIFTED_LABEL = r"$\delta$-shifted $\hat u^\top \nabla^2 f(x - \delta \hat u)\,\hat u$"
+_UNDEFINED_LABEL = r"ratio undefined: SGD sharpness $\leq 0$"
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -228,49 +230,78 @@ def landscape_lines(
 
 def _over_steps(
     run: Run, column: str, ax: Axes | None, directions: Sequence[str] | None, exclude: Sequence[str] = ()
-) -> tuple[Axes, list[str], bool]:
-    cols = run.columns("sharpness")
-    if not cols["step"].size:
+) -> tuple[Axes, list[str], list[int]]:
+    """Draw ``|column|`` of each direction over the measured steps on a log axis, marking negative
+    values (open circles) and δ-shifted ones (triangles); returns the Axes, the directions drawn and
+    the steps where the ratio to SGD is undefined (for ``column == "ratio_to_sgd"``)."""
+    from landscape.report import REFERENCE, sharpness_records
+
+    records = sharpness_records(run)  # applies the ratio rule, also to runs written before it
+    if not records:
         raise NoDataError(f"run {run.path} has no rows in table 'sharpness'")
-    present = list(dict.fromkeys(cols["direction"].tolist()))
+    present = list(dict.fromkeys(r["direction"] for r in records))
     if directions is None:
         present = [d for d in present if d not in exclude]
     names = _order(run, present, directions)
+    ratio = column == "ratio_to_sgd"
+    ref_shifted = {r["step"]: bool(r["shifted"]) for r in records if r["direction"] == REFERENCE}
+    undefined = sorted({r["step"] for r in records if r["direction"] == REFERENCE and r["ratio_to_sgd"] is None})
     ax = _axes(ax)
-    any_negative = False
+    any_negative = any_shifted = False
     drawn = 0
     for name in names:
-        m = cols["direction"] == name
-        order = np.argsort(cols["step"][m], kind="stable")
-        steps, value = cols["step"][m][order], cols[column][m][order]
+        rs = sorted((r for r in records if r["direction"] == name), key=lambda r: r["step"])
+        steps = np.array([r["step"] for r in rs])
+        value = np.array([np.nan if r[column] is None else r[column] for r in rs], dtype=float)
+        shifted = np.array([bool(r["shifted"]) or (ratio and ref_shifted.get(r["step"], False)) for r in rs])
         if not np.isfinite(value).any():
             continue
         y = np.abs(value)
         y[value == 0] = np.nan  # not representable on a log axis
         style = _style(run, name)
         ax.plot(steps, y, marker="o", markersize=2.5, label=name, **style)
-        neg = value < 0
+        neg = (value < 0) & ~shifted
         if neg.any():
             any_negative = True
             ax.plot(steps[neg], y[neg], marker="o", markersize=3.5, linestyle="none", color=style["color"],
                     markerfacecolor="white", zorder=style["zorder"] + 1, label=f"_negative {name}")
+        sh = shifted & np.isfinite(y)
+        if sh.any():
+            any_shifted = True
+            # filled: positive after the shift; open: still negative
+            for mask, face, tag in ((sh & (value > 0), style["color"], "_shifted"),
+                                    (sh & (value < 0), "white", "_shifted negative")):
+                if mask.any():
+                    any_negative |= tag.endswith("negative")
+                    ax.plot(steps[mask], y[mask], marker="^", markersize=4.5, linestyle="none", color=style["color"],
+                            markerfacecolor=face, zorder=style["zorder"] + 2, label=f"{tag} {name}")
         drawn += 1
     if not drawn:
         raise NoDataError(f"run {run.path} has no finite {column!r} values for {', '.join(names) or 'any direction'}")
-    if any_negative:  # legend entry explaining the open markers
+    if any_negative:  # legend entries explaining the markers
         ax.plot([], [], marker="o", markersize=3.5, linestyle="none", color="0.4", markerfacecolor="white",
                 label=_NEGATIVE_LABEL)
+    if any_shifted:
+        ax.plot([], [], marker="^", markersize=4.5, linestyle="none", color="0.4", label=_SHIFTED_LABEL)
+    if ratio and undefined:
+        for i, step in enumerate(undefined):
+            ax.axvline(step, color="0.6", linestyle=(0, (1, 2)), linewidth=0.8, zorder=0,
+                       label=_UNDEFINED_LABEL if i == 0 else f"_undefined {step}")
     ax.set_yscale("log")
     ax.set_xlabel("training step")
-    return ax, names, any_negative
+    return ax, names, undefined
 
 
 def sharpness_ratio(run: Run, ax: Axes | None = None, directions: Sequence[str] | None = None) -> Axes:
     """Directional sharpness relative to SGD, S(u_alg)/S(u_sgd), over training (seed 002 Tables 1, 4-7).
 
-    Log y axis of |ratio|: a negative ratio (a direction of negative curvature, or SGD's) is drawn
-    as an open marker at its absolute value, and explained in the legend; NaN and zero ratios are
-    left out (gaps in the line). ``sgd`` itself (ratio 1) is the dotted reference line y = 1.
+    The ratio is defined only where SGD's reported sharpness is > 0 (a ratio of two negative values
+    is not "flatter"): at steps where it is not, no direction has a point, and a dotted vertical
+    line marks the step (legend: "ratio undefined: SGD sharpness ≤ 0"). Log y axis of |ratio|: a
+    negative ratio (this direction's curvature negative, SGD's positive) is an open circle at its
+    absolute value; a ratio built on a δ-shifted value (this direction's or SGD's) is a triangle;
+    both are explained in the legend. NaN and zero ratios are gaps. ``sgd`` itself (ratio 1) is the
+    dotted reference line y = 1.
 
     Args:
         run: the run.
@@ -280,7 +311,7 @@ def sharpness_ratio(run: Run, ax: Axes | None = None, directions: Sequence[str] 
     Returns:
         The Axes; one Line2D per direction labelled with its name, y data = |ratio_to_sgd|.
     """
-    ax, names, _ = _over_steps(run, "ratio_to_sgd", ax, directions, exclude=("sgd",))
+    ax, names, undefined = _over_steps(run, "ratio_to_sgd", ax, directions, exclude=("sgd",))
     ax.axhline(1.0, color=recipe_style("sgd")["color"], linestyle=":", linewidth=0.9, label="sgd (= 1)")
     ax.set_ylabel(r"sharpness ratio to SGD $S(u)/S(u_{\mathrm{sgd}})$")
     _legend(ax, len(names) + 1)
@@ -288,16 +319,17 @@ def sharpness_ratio(run: Run, ax: Axes | None = None, directions: Sequence[str] 
 
 
 def sharpness_over_time(run: Run, ax: Axes | None = None, directions: Sequence[str] | None = None) -> Axes:
-    """Reported directional sharpness ûᵀHû (δ-shifted where flagged) of each direction over training.
+    """Reported directional sharpness ûᵀHû of each direction over training.
 
-    Log y axis of |sharpness|; negative values are open markers at their absolute value (see the
-    legend), NaN and zeros are gaps.
+    Log y axis of |sharpness|; negative values are open circles at their absolute value, δ-shifted
+    values ûᵀ∇²f(x − δû)û are triangles (filled when positive after the shift, open when still
+    negative), both explained in the legend; NaN and zeros are gaps.
 
     Returns:
         The Axes; one Line2D per direction labelled with its name, y data = |sharpness|.
     """
     ax, names, _ = _over_steps(run, "sharpness", ax, directions)
-    ax.set_ylabel(r"directional sharpness $\hat u^\top H \hat u$")
+    ax.set_ylabel(r"directional sharpness $|\hat u^\top H \hat u|$")
     _legend(ax, len(names))
     return ax
 

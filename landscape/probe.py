@@ -11,13 +11,25 @@ own step ``x_t − x_{t+1}``, the landscape lines, histograms, cosine similariti
 smoothness along the real step. Rows go to a crash-safe run store as soon as they are measured.
 
 The probe never changes training: it reads gradients and parameters, evaluates functionally, restores
-every mode, flag and RNG state, and keeps no autograd graph.
+every mode, flag and RNG state, and keeps no autograd graph. It never stops training either: a failure
+of its own (a full disk, a recipe that cannot handle a gradient, a measurement that raises) is recorded
+as an event, warned about once on stderr, and only what failed is switched off (a failed measurement is
+skipped; a failure to track or to write turns the probe off for the rest of the run).
+
+Resume: the recipe states (and ``extra_state``) are saved in a state file at every measurement and at
+:meth:`Probe.close`, and the run store's commit of that step names the file, so the committed rows and
+the states always describe the same step. Re-opening the folder continues from that step, and refuses
+when the optimizer it is attached to is elsewhere on its trajectory (a different step count), rather
+than continue with stale momenta. Step rows committed after the saved step (a kill between two
+measurements) are dropped, and the probe says so. For resume from your own training checkpoints, save
+:meth:`Probe.state_dict` in them and call :meth:`Probe.load_state_dict` before :meth:`Probe.attach`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 import platform
 import sys
 import time
@@ -32,13 +44,83 @@ from torch import Tensor, nn
 from landscape import tree
 from landscape._version import __version__
 from landscape.measure import MeasureSettings, measure_step
-from landscape.objective import Include, NonFiniteError, Objective
+from landscape.objective import Include, Objective
 from landscape.optim import PseudoUpdates, recipe_names
-from landscape.store import RunStore
+from landscape.store import RunMismatchError, RunStore, load_run
 
-__all__ = ["Probe", "ProbeHandle", "batch_fingerprint"]
+__all__ = ["Probe", "ProbeHandle", "ResumeError", "batch_fingerprint", "saved_state"]
 
-_STATE_FILE = "pseudo_state.pt"
+_STATE_FILE = "pseudo_state.pt"  # written by landscape before the state pointer (read on resume)
+_STATE_PREFIX = "probe_state-"
+_STATE_FORMAT = "landscape.probe/2"
+
+
+class ResumeError(RunMismatchError):
+    """A run folder cannot be resumed on this trajectory (the optimizer is at another step, or the
+    recipe states are missing)."""
+
+
+def _state_file_name(step: int) -> str:
+    return f"{_STATE_PREFIX}{step:012d}.pt"
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` through a temporary file, flushed to disk before the rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:  # the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def saved_state(out: str | Path) -> dict[str, Any] | None:
+    """The probe state a run folder's store points to (``{"step", "measurements", "pseudo", "extra",
+    ...}``), or ``None`` when the folder has no committed state. Reads only; for scripts that must
+    restore their own training state (``extra_state``) before attaching a probe to the folder."""
+    out = Path(out)
+    try:
+        run = load_run(out)
+        pointer = run.meta.get("probe_state")
+    except Exception:  # noqa: BLE001 - no run there (yet)
+        return None
+    if not isinstance(pointer, dict) or "file" not in pointer:
+        return None
+    path = out / str(pointer["file"])
+    if not path.is_file():
+        return None
+    state = torch.load(path, weights_only=True, map_location="cpu")
+    return state if int(state.get("step", -1)) == int(pointer.get("step", -2)) else None
+
+
+def _optimizer_steps(optimizer: torch.optim.Optimizer) -> int | None:
+    """How many steps ``optimizer`` has taken, where its state says: the ``step`` entry the Adam family
+    (and most of torch.optim) keeps; 0 for a built-in optimizer with no state yet; else ``None``."""
+    any_state = False
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if st:
+                any_state = True
+                if "step" in st:
+                    try:
+                        return int(st["step"])
+                    except (TypeError, ValueError, RuntimeError):
+                        return None
+    if any_state:
+        return None
+    keeps_state = type(optimizer).__module__.startswith("torch.optim") and not (
+        isinstance(optimizer, torch.optim.SGD) and not optimizer.param_groups[0].get("momentum", 0)
+    ) and not isinstance(optimizer, torch.optim.LBFGS)
+    return 0 if keeps_state else None
 
 
 def batch_fingerprint(batch: Any) -> str:
@@ -94,10 +176,19 @@ class Probe:
         settings: a :class:`~landscape.measure.MeasureSettings` (lines, histograms, smoothness...).
         state_dtype: storage dtype of the recipe states (e.g. ``torch.bfloat16`` halves their memory).
         trained_name: the name of the real optimizer's direction (default: ``"<class> (trained)"``).
-        save_state: keep the recipe states in the run folder after each measurement so a resumed run
-            continues with the same momenta.
+        save_state: keep the recipe states in the run folder at each measurement (and at close) so a
+            resumed run continues with the same momenta. Without it a folder cannot be resumed.
         meta: more metadata for the run store.
         check_determinism: refuse a probe loss that differs between two evaluations.
+        extra_state: ``extra_state() -> dict`` of tensors and plain values saved in the same state
+            file as the recipe states (and so for the same step), e.g. the model's and optimizer's
+            ``state_dict()`` and a data generator's state; :func:`saved_state` reads it back before a
+            resume, and :attr:`restored_extra_state` holds it after one.
+        save_points: steps whose point ``x_t`` (the model's state before the step) is kept in
+            ``out/points/`` with the update directions there (:mod:`landscape.points`), for
+            ``landscape plane``: an iterable of steps or a predicate ``step -> bool``. Default: none.
+        save_directions: which directions a saved point keeps: ``True`` (every recipe and the
+            trained step), ``False`` (none: parameters only, e.g. for a PCA trajectory) or names.
 
     Example:
         >>> probe = ls.Probe(model, loss_fn, probe_batch, out="runs/adam", every=50)   # doctest: +SKIP
@@ -126,9 +217,14 @@ class Probe:
         save_state: bool = True,
         meta: Mapping[str, Any] | None = None,
         check_determinism: bool = True,
+        extra_state: Callable[[], Any] | None = None,
+        save_points: Iterable[int] | Callable[[int], bool] | None = None,
+        save_directions: bool | Iterable[str] = True,
     ) -> None:
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
+        self._keep = _keep_rule(save_points)
+        self._keep_directions = save_directions if isinstance(save_directions, bool) else list(save_directions)
         self.model = model
         self.loss_fn = loss_fn
         self.every = every
@@ -156,6 +252,12 @@ class Probe:
         self._measurements = 0
         self.timings = {"tracking": 0.0, "measurement": 0.0}
         self.last_error: str | None = None
+        self.disabled: str | None = None  # why the probe switched itself off (None while it works)
+        self._warned: set[str] = set()
+        self._extra_state = extra_state
+        self._loaded_state: Mapping[str, Any] | None = None  # from load_state_dict, applied when the run opens
+        self.restored_extra_state: Any = None
+        self.engine: str | None = None  # the sharpness engine of the last measurement ("taylor", "hvp")
 
     # ------------------------------------------------------------------ setup
     def _trained_params(self, optimizer: torch.optim.Optimizer | None) -> dict[str, Tensor]:
@@ -222,26 +324,87 @@ class Probe:
             **self._extra_meta,
         }
         self._store = RunStore(self.out, settings=settings, meta=meta)
-        self._pseudo = PseudoUpdates(
-            {n: p.detach() for n, p in params.items()}, self.recipes, state_dtype=self._state_dtype
-        )
+        try:
+            self._pseudo = PseudoUpdates(
+                {n: p.detach() for n, p in params.items()}, self.recipes, state_dtype=self._state_dtype
+            )
+            self._resume(optimizer)
+        except BaseException:
+            self._store.close()
+            self._store = None
+            self._pseudo = None
+            raise
+
+    def _resume(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Continue a run folder from its saved state, or refuse (see the module docstring)."""
+        assert self._store is not None and self._pseudo is not None
         run = self._store.run()
         done = run.steps("steps")
-        if done:
-            self.step = max(done)
-            state_file = self.out / _STATE_FILE
-            if state_file.exists():
-                saved = torch.load(state_file, weights_only=True)
-                self._pseudo.load_state_dict(saved["pseudo"])
-                self._measurements = int(saved.get("measurements", 0))
-                if int(saved.get("step", self.step)) != self.step:
-                    self._store.log_event(
-                        self.step,
-                        "warning",
-                        f"recipe states were saved at step {saved.get('step')}, the run's last step is {self.step}: "
-                        "the pseudo-update momenta continue from the saved step",
-                    )
-            self._store.log_event(self.step, "resume", f"resumed after step {self.step}")
+        pointer = run.meta.get("probe_state")
+        state: Mapping[str, Any] | None = None
+        source = ""
+        if self._loaded_state is not None:
+            state, source = self._loaded_state, "the state_dict given to load_state_dict"
+        elif isinstance(pointer, dict) and "file" in pointer:
+            path = self.out / str(pointer["file"])
+            if not path.is_file():
+                raise ResumeError(
+                    f"run folder {self.out}: its recipe states {path.name} (step {pointer.get('step')}) are missing, "
+                    "so it cannot be resumed on the same trajectory; write to a new out folder"
+                )
+            state, source = torch.load(path, weights_only=True, map_location="cpu"), path.name
+        elif (self.out / _STATE_FILE).is_file() and done:  # written by an older landscape
+            state, source = torch.load(self.out / _STATE_FILE, weights_only=True, map_location="cpu"), _STATE_FILE
+            if int(state.get("step", -1)) != max(done):
+                raise ResumeError(
+                    f"run folder {self.out}: its recipe states were saved at step {state.get('step')} but it recorded "
+                    f"steps up to {max(done)} (an older landscape saved them apart), so a resume would continue "
+                    "with stale momenta; write to a new out folder"
+                )
+        if state is None:
+            if done:
+                raise ResumeError(
+                    f"run folder {self.out} holds {len(done)} training steps but no saved recipe states (it was "
+                    "written with save_state=False, or stopped before its first measurement), so it cannot be "
+                    "resumed on the same trajectory; write to a new out folder"
+                )
+            self._check_optimizer_step(optimizer, 0)
+            return
+        step = int(state["step"])
+        self._check_optimizer_step(optimizer, step)
+        self._pseudo.load_state_dict(state["pseudo"])
+        self._measurements = int(state.get("measurements", 0))
+        self.restored_extra_state = state.get("extra")
+        self.step = step
+        dropped = self._store.truncate_after(step)
+        n_dropped = sum(dropped.values())
+        message = (
+            f"resumed after step {step}: recipe states and {self._measurements} measurement(s) from {source}"
+            + (f"; dropped {dropped.get('steps', 0)} step row(s) and {n_dropped - dropped.get('steps', 0)} other row(s) "
+               f"recorded after step {step}" if n_dropped else "")
+        )
+        self._store.log_event(step, "resume", message)
+        print(f"landscape: {self.out}: {message}", file=sys.stderr)
+
+    def _check_optimizer_step(self, optimizer: torch.optim.Optimizer | None, step: int) -> None:
+        if optimizer is None:
+            return
+        taken = _optimizer_steps(optimizer)
+        if taken is None:
+            if step:
+                warnings.warn(
+                    f"landscape probe: resuming {self.out} after step {step}; {type(optimizer).__name__} keeps no step "
+                    "count, so the probe cannot check that training resumed from the same step", stacklevel=4
+                )
+            return
+        if taken != step:
+            what = "a new optimizer" if taken == 0 else f"an optimizer that has taken {taken} steps"
+            raise ResumeError(
+                f"run folder {self.out} continues a trajectory whose probe state is at step {step}, but it is being "
+                f"attached to {what}: the measurements would mix two trajectories. Resume training from its "
+                f"checkpoint of step {step}, load the probe's state_dict() saved with your checkpoint "
+                "(Probe.load_state_dict), or write to a new out folder"
+            )
 
     def attach(self, optimizer: torch.optim.Optimizer) -> ProbeHandle:
         """Register step hooks on ``optimizer`` (any ``torch.optim.Optimizer``). Returns a handle whose
@@ -253,10 +416,67 @@ class Probe:
         self._optimizer = optimizer
         if self._store is None:
             self._open(optimizer)
-        pre = optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_step())
-        post = optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step())
+        pre = optimizer.register_step_pre_hook(self._pre_hook)
+        post = optimizer.register_step_post_hook(lambda opt, args, kwargs: self._guarded(self._after_step))
         self._handle = ProbeHandle([pre, post])
         return self._handle
+
+    def _pre_hook(self, optimizer: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self.disabled is not None:
+            return None
+        # torch passes the step's own args, the optimizer first: step(self, closure=None)
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._guarded(self._before_step, stage="tracking")
+            return None
+        # step(closure) (LBFGS, ...): the gradients of x_t exist only once the closure has run; its first
+        # call evaluates at x_t, before the optimizer moves anything.
+        first = [True]
+
+        def closure_then_read() -> Any:
+            loss = closure()
+            if first[0]:
+                first[0] = False
+                if self._pending_loss is None and isinstance(loss, (Tensor, float, int)):
+                    self.log_loss(loss)
+                self._guarded(self._before_step, stage="tracking")
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_read}
+        return (args[0], closure_then_read, *args[2:]), kwargs
+
+    # ------------------------------------------------------------------ failures never stop training
+    def _guarded(self, fn: Callable[..., Any], *args: Any, stage: str = "writing") -> Any:
+        """Run one of the probe's own steps; a failure is recorded and switches the probe off instead of
+        propagating into the user's ``optimizer.step()``."""
+        if self.disabled is not None:
+            return None
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - the user's training must go on
+            self._fail(stage, e, disable=True)
+            return None
+
+    def _fail(self, stage: str, e: BaseException, *, disable: bool) -> None:
+        first = " ".join(str(e).split())[:300]
+        message = f"{stage} failed at step {self.step}: {type(e).__name__}: {first}"
+        self.last_error = message
+        if disable:
+            self.disabled = message
+            self._pending = None
+            self._step_rows = []
+            self._pseudo = None  # give the recipe states' memory back
+        try:
+            if self._store is not None:
+                self._store.log_event(self.step, "probe-failure" if disable else "measurement-failed", message)
+        except Exception:  # noqa: BLE001 - the store may be what failed (a full disk)
+            pass
+        if stage not in self._warned:
+            self._warned.add(stage)
+            tail = ("; the probe is off for the rest of this run, training goes on" if disable else
+                    "; this measurement is skipped, training goes on")
+            warnings.warn(f"landscape probe: {message}{tail}", RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ the loop
     def log_loss(self, loss: float | Tensor) -> None:
@@ -283,20 +503,26 @@ class Probe:
                 self._optimizer = optimizer
         if self._store is None:
             self._open(optimizer)
+        if self.disabled is not None:
+            return
+        if grads is not None:  # the caller's mistakes are the caller's: checked before anything else
+            missing = [n for n in self._names if n not in grads]
+            if missing:
+                raise KeyError(f"observe: gradients missing for {missing[:5]}")
         if self._pending is not None:
-            self._after_step()
+            self._guarded(self._after_step)
         if loss is not None:
             self.log_loss(loss)
-        self._before_step(grads)
+        self._guarded(self._before_step, grads, stage="tracking")
 
     def _grads(self, grads: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
         named = dict(self.model.named_parameters())
         if grads is None:
-            return {n: named[n].grad if named[n].grad is not None else torch.zeros_like(named[n]) for n in self._names}
-        missing = [n for n in self._names if n not in grads]
-        if missing:
-            raise KeyError(f"observe: gradients missing for {missing[:5]}")
-        return {n: grads[n] for n in self._names}
+            out = {n: named[n].grad if named[n].grad is not None else torch.zeros_like(named[n]) for n in self._names}
+        else:
+            out = {n: grads[n] for n in self._names}
+        # sparse gradients (nn.Embedding(sparse=True)): the recipes' states are dense anyway
+        return {n: g.to_dense() if g.layout != torch.strided else g for n, g in out.items()}
 
     def _lr(self) -> float | None:
         if self._optimizer is None:
@@ -323,7 +549,8 @@ class Probe:
             return
         row["grad_norm"] = gnorm
         due = self.step == 1 or self.step % self.every == 0
-        self._pending = {"row": row, "x_t": self._snapshot() if due else None}
+        keep = self._keep(self.step)
+        self._pending = {"row": row, "x_t": self._snapshot() if due or keep else None, "due": due, "keep": keep}
         self.timings["tracking"] += time.perf_counter() - t0
 
     def _snapshot(self) -> dict[str, Tensor]:
@@ -337,14 +564,19 @@ class Probe:
         self._record_step(pending["row"])
         if pending["x_t"] is None:
             return
+        if pending["keep"]:
+            self._keep_point(pending["row"]["step"], pending["x_t"])
+        if not pending["due"]:
+            return
         t0 = time.perf_counter()
+        step = pending["row"]["step"]
         try:
-            self._measure(pending["row"]["step"], pending["x_t"])
-        except (NonFiniteError, ValueError, RuntimeError) as e:
-            self.last_error = f"{type(e).__name__}: {e}"
-            self._flush_steps()
-            self._store.log_event(pending["row"]["step"], "measurement-failed", self.last_error)
-            warnings.warn(f"landscape probe: measurement at step {pending['row']['step']} failed: {e}", stacklevel=2)
+            try:
+                rows = self._measure(step, pending["x_t"])
+            except Exception as e:  # noqa: BLE001 - a failed measurement is skipped, training goes on
+                self._fail("measurement", e, disable=False)
+                rows = {}
+            self._commit(rows)  # a failure to write propagates to _guarded: the probe switches off
         finally:
             self.timings["measurement"] += time.perf_counter() - t0
 
@@ -361,7 +593,7 @@ class Probe:
             self._store.write("steps", self._step_rows)
             self._step_rows = []
 
-    def _measure(self, step: int, x_t: dict[str, Tensor]) -> None:
+    def _measure(self, step: int, x_t: dict[str, Tensor]) -> dict[str, list[dict[str, Any]]]:
         assert self._pseudo is not None and self._store is not None
         x_next = self._snapshot()
         dirs = self._pseudo.directions()
@@ -387,12 +619,82 @@ class Probe:
         for event in rows.pop("_events", []):
             self._store.log_event(step, "warning", event["message"])
         self.last_timings = rows.pop("_timings", [{}])[0]
+        return rows
+
+    def _commit(self, rows: Mapping[str, list[dict[str, Any]]]) -> None:
+        """One atomic unit: the step rows so far, ``rows``, and (with ``save_state``) the recipe states of
+        this step. The state file is written first; the store's commit then names it, so a kill at any
+        point leaves committed rows and a state of the same step (an unnamed newer file is ignored)."""
+        assert self._store is not None
+        name = None
+        if self.save_state and self._pseudo is not None and self._pseudo.step:
+            name = _state_file_name(self.step)
+            _atomic_save(self.state_dict(), self.out / name)
+        rows = dict(rows)
+        engine = rows.pop("_engine", [None])[0]
         with self._store.transaction():
-            self._flush_steps()
+            if engine is not None and engine["engine"] != self.engine:  # an event when first chosen, or changed
+                self._store.log_event(self.step, "engine", engine["message"])
+                self.engine = engine["engine"]
+            if self._step_rows:
+                self._store.write("steps", self._step_rows)
             for table, table_rows in rows.items():
                 if table_rows:
                     self._store.write(table, table_rows)
-        self._save_state()
+            if name is not None:
+                self._store.set_meta("probe_state", {"file": name, "step": self.step, "measurements": self._measurements})
+        self._step_rows = []
+        if name is not None:
+            for old in self.out.glob(f"{_STATE_PREFIX}*.pt"):
+                if old.name != name:
+                    old.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ state for your own checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The probe's resumable state at the current step: recipe states, counters and
+        ``extra_state()``. Save it with your training checkpoints (it holds tensors: ``torch.save``), and
+        give it to :meth:`load_state_dict` when training resumes from that checkpoint."""
+        if self._pseudo is None:
+            raise RuntimeError("the probe has no state yet (attach it first) or switched itself off")
+        return {
+            "format": _STATE_FORMAT,
+            "step": self.step,
+            "measurements": self._measurements,
+            "pseudo": self._pseudo.state_dict(),
+            "extra": self._extra_state() if self._extra_state is not None else None,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict` (saved with a training checkpoint) instead of the folder's own
+        last state. Call before :meth:`attach` / the first :meth:`observe`; rows the folder recorded after
+        ``state["step"]`` are dropped when the run opens (they belong to the trajectory being replaced)."""
+        if self._store is not None:
+            raise RuntimeError("load_state_dict must be called before attach() / the first observe()")
+        if not isinstance(state, Mapping) or "pseudo" not in state or "step" not in state:
+            raise ValueError("load_state_dict needs the dict Probe.state_dict() returned")
+        self._loaded_state = state
+
+    def _keep_point(self, step: int, x_t: dict[str, Tensor]) -> None:
+        """Save ``x_t`` (and the directions there) to ``out/points/`` (save_points=)."""
+        from landscape.points import save_point, state_at
+
+        assert self._pseudo is not None and self._store is not None
+        dirs: dict[str, dict[str, Tensor]] = {}
+        if self._keep_directions is not False:
+            dirs = self._pseudo.directions()
+            real = tree.sub(x_t, self._snapshot())
+            if float(tree.norm(real)) > 0:
+                dirs[self.trained_name] = real
+            if self._keep_directions is not True:
+                dirs = {n: dirs[n] for n in self._keep_directions if n in dirs}
+        try:
+            path = save_point(self.out, step, state_at(self.model, x_t), dirs,
+                              meta={"trained_direction": self.trained_name, "measured": list(self.objective.names)})
+        except OSError as e:
+            self._store.log_event(step, "warning", f"could not save the point of step {step}: {e}")
+            warnings.warn(f"landscape probe: could not save the point of step {step}: {e}", stacklevel=3)
+            return
+        self._store.log_event(step, "point", f"saved {path.name} ({len(dirs)} directions)")
 
     def _preconditioners(self) -> dict[str, dict[str, Tensor]] | None:
         """``P`` of the Adam-family recipes asked for and of a trained ``torch.optim.Adam``/``AdamW``,
@@ -419,24 +721,20 @@ class Probe:
                 pass
         return out or None
 
-    def _save_state(self) -> None:
-        if self.save_state and self._pseudo is not None and self._pseudo.step:
-            tmp = self.out / (_STATE_FILE + ".tmp")
-            torch.save({"pseudo": self._pseudo.state_dict(), "measurements": self._measurements, "step": self.step}, tmp)
-            tmp.replace(self.out / _STATE_FILE)
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
-        """Finish a pending manual-form step, detach the hooks, flush and close the store."""
+        """Finish a pending manual-form step, detach the hooks, commit the last steps (and the recipe
+        states, for a resume) and close the store. Never raises for a failure of its own (it warns)."""
         if self._pending is not None and self._handle is None:
-            self._after_step()  # manual form: the last step's update is in the parameters now
+            self._guarded(self._after_step)  # manual form: the last step's update is in the parameters now
         self._pending = None
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
         if self._store is not None:
-            self._flush_steps()
-            self._save_state()
+            if self.disabled is None:
+                self._guarded(self._commit, {})
             self._store.close()
             self._store = None
 
@@ -448,6 +746,19 @@ class Probe:
 
     def __repr__(self) -> str:
         return f"Probe(out={str(self.out)!r}, every={self.every}, recipes={len(self.recipes)}, step={self.step})"
+
+
+def _keep_rule(save_points: Iterable[int] | Callable[[int], bool] | None) -> Callable[[int], bool]:
+    if save_points is None:
+        return lambda step: False
+    if callable(save_points):
+        return lambda step: bool(save_points(step))
+    steps = set()
+    for s in save_points:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+            raise ValueError(f"save_points must hold positive step numbers (the probe counts from 1), got {s!r}")
+        steps.add(s)
+    return steps.__contains__
 
 
 def _isfinite(x: float | None) -> bool:

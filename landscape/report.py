@@ -1,9 +1,12 @@
 """Tables from a run store: Markdown, LaTeX (booktabs) and tidy CSV.
 
 Following seed 002 Table 1 (and Tables 4-7): for every measured step, one row per direction with
-its directional sharpness, its ratio to SGD's and its gradient correlation; a δ-shifted sharpness
-is marked with a dagger and explained in a footnote (with the raw value). A summary gives, per
-direction, the median ratio to SGD over the measured steps; a header gives the run's metadata
+its directional sharpness, its ratio to SGD's and its gradient projection gᵀû; a δ-shifted sharpness
+is marked with a dagger (†), a negative reported sharpness with a double dagger (‡), and both are
+explained in a footnote (with the raw values). The ratio to SGD is defined only where SGD's
+reported sharpness is positive; elsewhere it is left out, with the reason, and the summary's medians
+say how many steps they exclude. A summary gives, per direction, the median ratio to SGD over the
+measured steps, and every column is defined under its table; a header gives the run's metadata
 (model size, optimizer, recipes, steps). When the run has smoothness rows, short smoothness
 tables follow (seed 001 §5.2, seed 002 Table 8).
 
@@ -23,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from landscape._ratio import ratio_to_reference
 from landscape.store import NoDataError, Run
 
-__all__ = ["REPORT_FORMATS", "CSV_COLUMNS", "report", "sharpness_records", "summary"]
+__all__ = ["REPORT_FORMATS", "CSV_COLUMNS", "REFERENCE", "ratio_exclusions", "report", "sharpness_records", "summary"]
 
 #: Formats :func:`report` produces.
 REPORT_FORMATS = ("md", "latex", "csv")
@@ -34,10 +38,28 @@ REPORT_FORMATS = ("md", "latex", "csv")
 CSV_COLUMNS = (
     "step", "direction", "sharpness", "ratio_to_sgd", "shifted", "grad_correlation", "raw", "shifted_value",
     "update_norm", "best_step", "predicted_reduction", "loss", "line_best_step", "line_best_loss",
-    "line_reduction",
+    "line_reduction", "ratio_note",
 )
 
-DAGGER_NOTE = "δ-shifted sharpness ûᵀ∇²f(x + δû)û (seed 002 App. B.3) reported instead of the raw ûᵀHû"
+#: The direction ratios are taken against.
+REFERENCE = "sgd"
+
+DAGGER_NOTE = ("δ-shifted sharpness ûᵀ∇²f(x − δû)û, the Hessian a distance δ toward the step (Pan & Li 2023, "
+               "App. B.3), reported instead of the raw ûᵀ∇²f(x)û, which is negative")
+DDAGGER_NOTE = ("negative reported sharpness: the curvature along û is negative (after the δ-shift where marked †), "
+                "so the quadratic model along û has no minimum")
+#: What each column of the summary table means (Markdown; the LaTeX report has the same text).
+SUMMARY_DEFINITIONS = (
+    ("ratio to SGD", "S(u)/S(u_sgd) at the same step, the median over the steps where SGD's reported sharpness "
+                     "is > 0 (\"steps\" counts them; a ratio of two negative sharpnesses is not \"flatter\")"),
+    ("sharpness", "S(u) = ûᵀ∇²f(x)û with û = u/‖u‖₂ on the probe batch, median over the measured steps; the "
+                  "δ-shifted ûᵀ∇²f(x − δû)û where the raw value is negative"),
+    ("negative", "measured steps whose reported sharpness is < 0"),
+    ("δ-shifted", "measured steps whose reported sharpness is the δ-shifted value"),
+    ("gᵀû", "gradient projection: the component of the probe-batch gradient g = ∇f(x) along the unit update "
+            "direction û, median over the steps; positive means the step x − η·u descends. A projection, not "
+            "a correlation coefficient"),
+)
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -56,6 +78,10 @@ def sharpness_records(run: Run, steps: Sequence[int] | None = None) -> list[dict
     optimum (``line_best_step``, ``line_best_loss``, ``line_reduction``; None without a line),
     ordered by step, then by the run's direction order.
 
+    ``ratio_to_sgd`` follows the rule of :func:`landscape.measure.ratio_to_reference` whatever wrote
+    the run: it is ``None`` where SGD's reported sharpness at that step is not > 0, with the reason in
+    ``ratio_note`` (runs written before that rule stored a ratio there; it is dropped on reading).
+
     Raises:
         NoDataError: a requested step was not measured.
     """
@@ -70,13 +96,25 @@ def sharpness_records(run: Run, steps: Sequence[int] | None = None) -> list[dict
         wanted = set(steps)
     rank = _direction_rank(run)
     lines = {(r["step"], r["direction"]): r for r in run.rows("lines")}
+    rows = run.rows("sharpness")
+    reference = {r["step"]: r["sharpness"] for r in rows if r["direction"] == REFERENCE}
+    has_reference = bool(reference)
     out = []
-    for r in run.rows("sharpness"):
+    for r in rows:
         if steps is not None and r["step"] not in wanted:
             continue
         line = lines.get((r["step"], r["direction"]))
+        ratio, note = r["ratio_to_sgd"], r.get("ratio_note")
+        if has_reference:
+            checked, why = ratio_to_reference(r["sharpness"], reference.get(r["step"]), REFERENCE)
+            if checked is None:
+                ratio, note = None, note or why
+        elif ratio is None and note is None:
+            note = f"no {REFERENCE} direction in this run"
         out.append({
             **r,
+            "ratio_to_sgd": ratio,
+            "ratio_note": note,
             "line_best_step": line["best_step"] if line else None,
             "line_best_loss": line["best_loss"] if line else None,
             "line_reduction": line["reduction"] if line else None,
@@ -91,24 +129,65 @@ def _median(values: list[Any]) -> float:
 
 
 def summary(run: Run, steps: Sequence[int] | None = None) -> list[dict[str, Any]]:
-    """Per direction, over the measured steps: ``median_ratio_to_sgd``, ``median_sharpness``,
-    ``median_grad_correlation`` (NaN-ignoring medians), ``n_steps`` and ``n_shifted``."""
+    """Per direction, over the measured steps.
+
+    Keys: ``median_ratio_to_sgd`` (over the steps where the ratio is defined, i.e. SGD's reported
+    sharpness > 0), ``n_ratio`` (those steps), ``ratio_excluded`` (``[(step, reason), ...]`` of the
+    others), ``median_sharpness``, ``median_grad_correlation`` (= ``median_grad_projection``, gᵀû),
+    ``n_steps``, ``n_shifted`` and ``n_negative`` (reported sharpness < 0). Medians ignore NaN.
+    """
     records = sharpness_records(run, steps)
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         groups.setdefault(r["direction"], []).append(r)
     rank = _direction_rank(run)
-    return [
-        {
+    out = []
+    for d, rs in sorted(groups.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])):
+        ratios = [r["ratio_to_sgd"] for r in rs if _finite(r["ratio_to_sgd"])]
+        proj = _median([r["grad_correlation"] for r in rs])
+        out.append({
             "direction": d,
-            "median_ratio_to_sgd": _median([r["ratio_to_sgd"] for r in rs]),
+            "median_ratio_to_sgd": _median(ratios),
+            "n_ratio": len(ratios),
+            "ratio_excluded": [(r["step"], r["ratio_note"] or "missing") for r in rs if not _finite(r["ratio_to_sgd"])],
             "median_sharpness": _median([r["sharpness"] for r in rs]),
-            "median_grad_correlation": _median([r["grad_correlation"] for r in rs]),
+            "median_grad_correlation": proj,
+            "median_grad_projection": proj,
             "n_steps": len(rs),
             "n_shifted": sum(bool(r["shifted"]) for r in rs),
-        }
-        for d, rs in sorted(groups.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0]))
-    ]
+            "n_negative": sum(_finite(r["sharpness"]) and r["sharpness"] < 0 for r in rs),
+        })
+    return out
+
+
+def ratio_exclusions(rows: Sequence[dict[str, Any]]) -> str:
+    """One sentence saying which steps the ratio medians of :func:`summary` rows leave out and why
+    (empty when none is left out). Steps SGD makes undefined are the same for every direction and
+    are named once; a direction's own missing values (a non-finite sharpness) are named with it."""
+    if not rows:
+        return ""
+    common = set.intersection(*({s for s, _ in r["ratio_excluded"]} for r in rows))
+    reasons: dict[str, list[int]] = {}
+    for r in rows:
+        for step, why in r["ratio_excluded"]:
+            if step in common:
+                why = why.split(" (")[0]  # "sgd sharpness ≤ 0 (-2.38)": group the steps by the reason alone
+                reasons.setdefault(why, [])
+                if step not in reasons[why]:
+                    reasons[why].append(step)
+    parts = []
+    n_total = max(r["n_steps"] for r in rows)
+    if common:
+        detail = "; ".join(f"{why} at step{'s' * (len(st) > 1)} {', '.join(map(str, sorted(st)))}"
+                           for why, st in reasons.items())
+        parts.append(f"The ratio medians exclude {len(common)} of {n_total} measured step"
+                     f"{'s' * (n_total != 1)} where the ratio to SGD is undefined ({detail})")
+    own = [(r["direction"], [s for s, _ in r["ratio_excluded"] if s not in common]) for r in rows]
+    own = [(d, st) for d, st in own if st]
+    if own:
+        parts.append("a direction's own non-finite values are left out too (" + "; ".join(
+            f"{d}: step{'s' * (len(st) > 1)} {', '.join(map(str, st))}" for d, st in own) + ")")
+    return ("; ".join(parts) + ".") if parts else ""
 
 
 def _find(settings: Any, keys: Sequence[str]) -> Any:
@@ -157,8 +236,10 @@ _TEX_ESCAPES = {
 
 
 def tex_escape(text: str) -> str:
-    """Escape LaTeX special characters in plain text (direction names, model names...)."""
-    return "".join(_TEX_ESCAPES.get(ch, ch) for ch in str(text))
+    """Escape LaTeX special characters in plain text (direction names, model names...); line breaks
+    and other whitespace runs become one space (a stored name cannot end a line, a comment or a
+    paragraph in the output)."""
+    return "".join(_TEX_ESCAPES.get(ch, ch) for ch in " ".join(str(text).split()))
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -313,8 +394,8 @@ def _smoothness_tables(run: Run, num: Callable[[Any], str]) -> list[tuple[str, l
 
 
 def _md_table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
-    def esc(cell: str) -> str:
-        return str(cell).replace("|", r"\|")
+    def esc(cell: str) -> str:  # one line per row, whatever a stored name holds
+        return " ".join(str(cell).split()).replace("|", r"\|")
 
     out = ["| " + " | ".join(map(esc, header)) + " |",
            "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"]
@@ -322,42 +403,77 @@ def _md_table(header: list[str], rows: list[list[str]], align: str) -> list[str]
     return out
 
 
+def _marks(r: dict[str, Any], dagger: str = "†", ddagger: str = "‡") -> str:
+    """† for a δ-shifted value, ‡ for a negative one."""
+    return (dagger if r["shifted"] else "") + (ddagger if _finite(r["sharpness"]) and r["sharpness"] < 0 else "")
+
+
+def _step_notes(rows: list[dict[str, Any]], delta: Any, num: Callable[[Any], str], name: Callable[[str], str],
+                dagger: str, ddagger: str, dagger_note: str, ddagger_note: str,
+                text: Callable[[str], str] = str) -> list[str]:
+    """The footnotes of one step's table: shifted values (with their raw values), negative values, and
+    undefined ratios (with why)."""
+    notes = []
+    shifted = [r for r in rows if r["shifted"]]
+    if shifted:
+        raw = "; ".join(f"{name(r['direction'])} {num(r['raw'])}" for r in shifted)
+        notes.append(f"{dagger} {dagger_note}{delta}. Raw values: {raw}.")
+    negative = [r for r in rows if _finite(r["sharpness"]) and r["sharpness"] < 0]
+    if negative:
+        notes.append(f"{ddagger} {ddagger_note}: " + ", ".join(name(r["direction"]) for r in negative) + ".")
+    undefined: dict[str, list[str]] = {}
+    for r in rows:
+        if not _finite(r["ratio_to_sgd"]):
+            undefined.setdefault(r["ratio_note"] or "missing", []).append(r["direction"])
+    if undefined:
+        reasons = "; ".join(
+            (text(why) if len(ds) == len(rows) else f"{', '.join(map(name, ds))}: {text(why)}")
+            for why, ds in undefined.items()
+        )
+        notes.append(f"{text('Ratio to SGD undefined')} ({reasons}).")
+    return notes
+
+
 def _markdown(run: Run, steps: Sequence[int] | None) -> str:
     out = [f"# landscape report: `{run.path.name}`", ""]
     out += _md_table(["", ""], [[k, v] for k, v in _metadata(run)], "ll")
     records = sharpness_records(run, steps)
     delta = _find(run.settings, ("delta", "shift_delta"))
+    d_text = f" (δ = {delta})" if delta is not None else ""
     if not records:
         out += ["", "_No sharpness measurements yet._", ""]
     else:
         n_steps = len({r["step"] for r in records})
+        rows = summary(run, steps)
         out += ["", f"## Sharpness relative to SGD (median over {n_steps} measured step{'s' * (n_steps != 1)})", ""]
         out += _md_table(
-            ["direction", "ratio to SGD", "sharpness", "grad. corr.", "shifted"],
-            [[s["direction"], _md_num(s["median_ratio_to_sgd"]), _md_num(s["median_sharpness"]),
-              _md_num(s["median_grad_correlation"]), f"{s['n_shifted']}/{s['n_steps']}"]
-             for s in summary(run, steps)],
-            "lrrrr",
+            ["direction", "ratio to SGD", "steps", "sharpness", "negative", "δ-shifted", "gᵀû"],
+            [[s["direction"], _md_num(s["median_ratio_to_sgd"]), f"{s['n_ratio']}/{s['n_steps']}",
+              _md_num(s["median_sharpness"]), f"{s['n_negative']}/{s['n_steps']}",
+              f"{s['n_shifted']}/{s['n_steps']}", _md_num(s["median_grad_projection"])] for s in rows],
+            "lrrrrrr",
         )
+        excluded = ratio_exclusions(rows)
+        if excluded:
+            out += ["", excluded]
+        out += [""] + [f"- **{k}**: {v}{d_text if k == 'sharpness' else ''}." for k, v in SUMMARY_DEFINITIONS]
         by_step: dict[int, list[dict[str, Any]]] = {}
         for r in records:
             by_step.setdefault(r["step"], []).append(r)
-        for step, rows in by_step.items():
+        for step, step_rows in by_step.items():
             out += ["", f"## Step {step}", ""]
             out += _md_table(
-                ["direction", "sharpness", "ratio to SGD", "grad. corr."],
-                [[r["direction"], _md_num(r["sharpness"]) + ("†" if r["shifted"] else ""),
-                  _md_num(r["ratio_to_sgd"]), _md_num(r["grad_correlation"])] for r in rows],
+                ["direction", "sharpness", "ratio to SGD", "gᵀû"],
+                [[r["direction"], _md_num(r["sharpness"]) + _marks(r),
+                  _md_num(r["ratio_to_sgd"]), _md_num(r["grad_correlation"])] for r in step_rows],
                 "lrrr",
             )
-            shifted = [r for r in rows if r["shifted"]]
-            if shifted:
-                raw = "; ".join(f"{r['direction']} {_md_num(r['raw'])}" for r in shifted)
-                d = f" (δ = {delta})" if delta is not None else ""
-                out += ["", f"† {DAGGER_NOTE}{d}. Raw values: {raw}."]
-    for title, header, rows in _smoothness_tables(run, _md_num):
+            notes = _step_notes(step_rows, d_text, _md_num, str, "†", "‡", DAGGER_NOTE, DDAGGER_NOTE)
+            if notes:
+                out += [""] + [note + "  " if i < len(notes) - 1 else note for i, note in enumerate(notes)]
+    for title, header, rows_ in _smoothness_tables(run, _md_num):
         out += ["", f"## {title}", ""]
-        out += _md_table(header, rows, "l" + "r" * (len(header) - 1))
+        out += _md_table(header, rows_, "l" + "r" * (len(header) - 1))
     return "\n".join(out) + "\n"
 
 
@@ -368,16 +484,31 @@ def _tex_table(caption: str, header: list[str], rows: list[list[str]], align: st
     out = [r"\begin{table}[t]", r"\centering", r"\small", rf"\caption{{{caption}}}",
            rf"\begin{{tabular}}{{{align}}}", r"\toprule", " & ".join(header) + r" \\", r"\midrule"]
     out += [" & ".join(row) + r" \\" for row in rows]
-    out.append(r"\bottomrule")
-    if note:
-        out.append(rf"\multicolumn{{{len(align)}}}{{l}}{{\footnotesize {note}}} \\")
-    out += [r"\end{tabular}", r"\end{table}"]
+    out += [r"\bottomrule", r"\end{tabular}"]
+    if note:  # below the table, wrapped to the text width (a one-line multicolumn would overflow the page)
+        out += [r"\par\smallskip", r"\begin{minipage}{0.95\linewidth}\footnotesize\raggedright", note, r"\end{minipage}"]
+    out.append(r"\end{table}")
     return out
 
 
+_TEX_DAGGER = (r"$\delta$-shifted sharpness $\hat u^\top \nabla^2 f(x - \delta \hat u)\, \hat u$, the Hessian a "
+               r"distance $\delta$ toward the step, reported instead of the raw $\hat u^\top \nabla^2 f(x)\, \hat u$, "
+               r"which is negative")
+_TEX_DDAGGER = (r"negative reported sharpness: the curvature along $\hat u$ is negative (after the "
+                r"$\delta$-shift where marked $^\dagger$), so the quadratic model has no minimum")
+_TEX_DEFINITIONS = (
+    r"Ratio: $S(u)/S(u_{\mathrm{sgd}})$ at the same step, median over the steps where SGD's sharpness is "
+    r"$> 0$ (Steps counts them). Sharpness: $S(u) = \hat u^\top \nabla^2 f(x)\, \hat u$, "
+    r"$\hat u = u/\|u\|_2$, median; $\delta$-shifted $\hat u^\top \nabla^2 f(x - \delta \hat u)\, \hat u$ where "
+    r"the raw value is negative. Neg., Shifted: steps with a negative, a $\delta$-shifted reported value. "
+    r"$g^\top \hat u$: gradient projection on the unit direction (positive: the step descends), not a "
+    r"correlation coefficient."
+)
+
+
 def _latex(run: Run, steps: Sequence[int] | None) -> str:
-    out = [f"% landscape report: {run.path.name}", "% Requires \\usepackage{booktabs}."]
-    out += [f"% {k}: {v}" for k, v in _metadata(run)]
+    out = [f"% landscape report: {_tex_comment(run.path.name)}", "% Requires \\usepackage{booktabs}."]
+    out += [f"% {_tex_comment(k)}: {_tex_comment(v)}" for k, v in _metadata(run)]
     meta = run.meta
     model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
     optimizer = meta.get("optimizer") if isinstance(meta.get("optimizer"), dict) else {}
@@ -390,43 +521,52 @@ def _latex(run: Run, steps: Sequence[int] | None) -> str:
     context = f" ({', '.join(parts)})" if parts else ""
     records = sharpness_records(run, steps)
     delta = _find(run.settings, ("delta", "shift_delta"))
+    d_text = rf" ($\delta = {tex_escape(delta)}$)" if delta is not None else ""
     if records:
         n_steps = len({r["step"] for r in records})
+        rows = summary(run, steps)
+        note = _TEX_DEFINITIONS
+        excluded = ratio_exclusions(rows)
+        if excluded:
+            note = _tex_text(excluded) + " " + note
         out += [""] + _tex_table(
             f"Directional sharpness relative to SGD, median over {n_steps} measured "
             f"step{'s' * (n_steps != 1)}{context}.",
-            ["Direction", "Ratio to SGD", "Sharpness", "Grad.\\ corr.", "Shifted"],
-            [[tex_escape(s["direction"]), _tex_num(s["median_ratio_to_sgd"]), _tex_num(s["median_sharpness"]),
-              _tex_num(s["median_grad_correlation"]), f"{s['n_shifted']}/{s['n_steps']}"] for s in summary(run, steps)],
-            "lrrrr",
+            ["Direction", "Ratio to SGD", "Steps", "Sharpness", "Neg.", "Shifted", r"$g^\top \hat u$"],
+            [[tex_escape(s["direction"]), _tex_num(s["median_ratio_to_sgd"]), f"{s['n_ratio']}/{s['n_steps']}",
+              _tex_num(s["median_sharpness"]), f"{s['n_negative']}/{s['n_steps']}",
+              f"{s['n_shifted']}/{s['n_steps']}", _tex_num(s["median_grad_projection"])] for s in rows],
+            "lrrrrrr",
+            note,
         )
         by_step: dict[int, list[dict[str, Any]]] = {}
         for r in records:
             by_step.setdefault(r["step"], []).append(r)
-        for step, rows in by_step.items():
-            shifted = [r for r in rows if r["shifted"]]
-            note = ""
-            if shifted:
-                d = rf" ($\delta = {delta}$)" if delta is not None else ""
-                raw = "; ".join(f"{tex_escape(r['direction'])} {_tex_num(r['raw'])}" for r in shifted)
-                note = (r"$^\dagger$ $\delta$-shifted sharpness $\hat u^\top \nabla^2 f(x + \delta \hat u)\, \hat u$"
-                        rf"{d} reported instead of the raw $\hat u^\top H \hat u$: {raw}.")
+        for step, step_rows in by_step.items():
+            notes = _step_notes(step_rows, d_text, _tex_num, tex_escape, r"$^\dagger$", r"$^\ddagger$",
+                                _TEX_DAGGER, _TEX_DDAGGER, text=_tex_text)
             out += [""] + _tex_table(
                 f"Directional sharpness at step {step}{context}.",
-                ["Direction", "Sharpness", "Ratio to SGD", "Grad.\\ corr."],
-                [[tex_escape(r["direction"]), _tex_num(r["sharpness"]) + (r"$^\dagger$" if r["shifted"] else ""),
-                  _tex_num(r["ratio_to_sgd"]), _tex_num(r["grad_correlation"])] for r in rows],
+                ["Direction", "Sharpness", "Ratio to SGD", r"$g^\top \hat u$"],
+                [[tex_escape(r["direction"]), _tex_num(r["sharpness"]) + _marks(r, r"$^\dagger$", r"$^\ddagger$"),
+                  _tex_num(r["ratio_to_sgd"]), _tex_num(r["grad_correlation"])] for r in step_rows],
                 "lrrr",
-                note,
+                " ".join(notes),
             )
-    for title, header, rows in _smoothness_tables(run, _tex_num):
+    for title, header, rows_ in _smoothness_tables(run, _tex_num):
         out += [""] + _tex_table(
             _tex_text(title) + ".",
             [_tex_text(h) for h in header],
-            [[_tex_text(c) for c in row] for row in rows],
+            [[_tex_text(c) for c in row] for row in rows_],
             "l" + "r" * (len(header) - 1),
         )
     return "\n".join(out) + "\n"
+
+
+def _tex_comment(text: Any) -> str:
+    """Text safe inside a LaTeX ``%`` comment line: no line breaks (a newline would end the comment and
+    let the rest be typeset or executed)."""
+    return " ".join(str(text).split())
 
 
 _TEX_SYMBOLS = {"L̂": r"$\hat L$", "‖∇f‖": r"$\|\nabla f\|$", "ℓ": r"$\ell$", "ε": r"$\varepsilon$",

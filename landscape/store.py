@@ -9,7 +9,13 @@ mode, so that
 * readers (:func:`load_run`, a read-only ``file:...?mode=ro`` connection) see every committed row
   while the writer is still running, and never block it;
 * a writer killed with SIGKILL (or a power cut) loses at most the transaction it was in: every
-  committed row stays readable, and the run can be reopened to append (resume).
+  committed row stays readable, and the run can be reopened to append (resume);
+* a run folder has one writer at a time: :class:`RunStore` holds an advisory lock on
+  ``RUN/writer.lock`` (``flock``) for its whole lifetime, taken before the database is opened or
+  created. A second writer (another process, or a second probe in the same process) is refused at
+  once with :class:`RunLockedError`, naming the holder (pid, host, command, since when); it never
+  touches the database. The operating system releases the lock when the holder exits, however it
+  exits (SIGKILL included), so a crashed run can be resumed at once.
 
 All table schemas are declared in one place, :data:`TABLES`. Writers validate every row against it
 (an unknown table or column, a missing required column or a value of the wrong type raises
@@ -44,7 +50,8 @@ for each). Opening an existing run for writing creates missing tables and adds m
 (as nullable ``ALTER TABLE ... ADD COLUMN``), so old runs can be resumed; reading an old run that
 lacks the table gives no rows, and a declared column missing from an old table reads as missing
 values. Then paste the output of ``python -m landscape.store`` (:func:`schema_markdown`) over the
-tables section of ``docs/store_schema.md``; a test checks the two agree.
+tables section of ``docs/store_schema.md`` and ``README.md`` (``python -m landscape.store
+docs/store_schema.md README.md`` does both); a test checks they agree.
 """
 
 from __future__ import annotations
@@ -52,10 +59,14 @@ from __future__ import annotations
 import json
 import math
 import operator
+import os
 import re
+import socket
 import sqlite3
+import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -67,6 +78,8 @@ import numpy as np
 
 __all__ = [
     "DB_NAME",
+    "LOCK_NAME",
+    "WriterLock",
     "SCHEMA_VERSION",
     "Column",
     "Table",
@@ -80,9 +93,13 @@ __all__ = [
     "RunMismatchError",
     "NotARunError",
     "NoDataError",
+    "RunLockedError",
+    "DamagedRunError",
 ]
 
 DB_NAME = "run.sqlite"
+#: The advisory lock file of a run folder's one writer (holds the holder's pid, host and command).
+LOCK_NAME = "writer.lock"
 #: Bumped when a change to :data:`TABLES` is not a pure addition (stored in ``PRAGMA user_version``).
 SCHEMA_VERSION = 1
 
@@ -114,6 +131,116 @@ class NotARunError(StoreError, FileNotFoundError):
 
 class NoDataError(StoreError, LookupError):
     """The run has no rows for what was asked (a table, a step, a direction)."""
+
+
+class RunLockedError(StoreError, RuntimeError):
+    """Another writer (a probe, ``landscape analyze``...) holds the run folder."""
+
+
+class DamagedRunError(StoreError, ValueError):
+    """The run store holds a value it cannot have written (malformed JSON, a wrong type): it was
+    damaged or edited by hand."""
+
+
+# --------------------------------------------------------------------------------------------------
+# the writer lock
+
+
+def _holder_text(info: Any, folder: Path) -> str:
+    if not isinstance(info, dict):
+        return "another writer (its details could not be read)"
+    same = info.get("pid") == os.getpid() and info.get("host") == socket.gethostname()
+    who = ("a writer in this same process (pid {pid}): a Probe or RunStore on this folder that is still open; "
+           "close() it first").format(**info) if same else (
+        f"pid {info.get('pid', '?')} on {info.get('host', '?')}"
+        + (f", `{info['command']}`" if info.get("command") else "")
+    )
+    since = f", since {info['since']}" if info.get("since") else ""
+    return who + since
+
+
+class WriterLock:
+    """An exclusive advisory lock on ``folder/writer.lock`` (``fcntl.flock``; ``msvcrt`` on Windows),
+    held until :meth:`release` or the process ends.
+
+    ``flock`` locks belong to an open file description, so a second lock from the same process
+    conflicts as well (two probes on one folder in one script are refused too), and the kernel drops
+    the lock when the process dies, however it dies.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / LOCK_NAME
+        self._file = None
+
+    def acquire(self) -> None:
+        f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the writer's lifetime
+        try:
+            locked = self._lock(f)
+        except BaseException:
+            f.close()
+            raise
+        if not locked:
+            info = None
+            for _ in range(20):  # a holder that has just locked writes its details a moment later
+                try:
+                    f.seek(0)
+                    info = json.loads(f.read() or "null")
+                except (OSError, ValueError):
+                    info = None
+                if info is not None:
+                    break
+                time.sleep(0.025)
+            f.close()
+            raise RunLockedError(
+                f"run folder {self.path.parent} is already being written by {_holder_text(info, self.path.parent)}. "
+                "One run folder has one writer: wait for it to finish, or write to another folder"
+            )
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now_iso(),
+                "command": " ".join(sys.argv)[:500]}
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(json.dumps(info))
+            f.flush()
+        except OSError:
+            pass  # the details are a courtesy; the lock itself is held
+        self._file = f
+
+    @staticmethod
+    def _lock(f: Any) -> bool:
+        """True when locked; False when another holder has it."""
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            import msvcrt
+
+            try:
+                f.seek(0)
+                msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+                return True
+            except OSError:
+                return False
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        except OSError as e:  # a filesystem without locks (some network mounts)
+            warnings.warn(f"landscape: cannot lock {f.name} ({e}); a second writer on this run folder would not be "
+                          "detected", RuntimeWarning, stacklevel=4)
+            return True
+
+    def release(self) -> None:
+        f, self._file = self._file, None
+        if f is None:
+            return
+        try:
+            f.seek(0)
+            f.truncate()  # no stale holder details once released
+        except OSError:
+            pass
+        finally:
+            f.close()  # closing the last descriptor releases the lock
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,11 +372,16 @@ _TABLE_LIST: tuple[Table, ...] = (
             _DIRECTION,
             _c("sharpness", "REAL", "reported directional sharpness: `shifted_value` if `shifted`, else `raw`"),
             _c("raw", "REAL", "ûᵀ H û at x, û = u/‖u‖₂"),
-            _c("shifted_value", "REAL", "ûᵀ ∇²f(x + δû) û (seed 002 App. B.3 Eq. 4), when computed",
-               nullable=True),
+            _c("shifted_value", "REAL", "ûᵀ ∇²f(x − δû) û, the Hessian a distance δ toward the step x − η·u "
+                                        "(Pan & Li 2023, App. B.3 Eq. 4), when computed", nullable=True),
             _c("shifted", "BOOL", "whether `sharpness` is the δ-shifted value"),
-            _c("ratio_to_sgd", "REAL", "sharpness / sharpness of `sgd` at the same step", nullable=True),
-            _c("grad_correlation", "REAL", "gᵀû (positive = descent for x − s·û)"),
+            _c("ratio_to_sgd", "REAL", "sharpness / sharpness of `sgd` at the same step; defined only where "
+                                       "`sgd`'s reported sharpness is > 0, else missing (see `ratio_note`)",
+               nullable=True),
+            _c("ratio_note", "TEXT", "why `ratio_to_sgd` is missing (e.g. `sgd` sharpness ≤ 0), when it is",
+               nullable=True),
+            _c("grad_correlation", "REAL", "gradient projection gᵀû, g = ∇f(x) (positive = descent for x − s·û); "
+                                           "a projection onto the unit direction, not a correlation coefficient"),
             _c("update_norm", "REAL", "‖u‖₂ before normalisation"),
             _c("best_step", "REAL", "quadratic-model best step G/S (when S > 0)", nullable=True),
             _c("predicted_reduction", "REAL", "quadratic-model loss reduction G²/(2S) (when S > 0)",
@@ -341,12 +473,66 @@ _TABLE_LIST: tuple[Table, ...] = (
         (
             _c("id", "INTEGER", "increasing event number", auto=True),
             _c("step", "INTEGER", "training step, if the event belongs to one", nullable=True),
-            _c("kind", "TEXT", "short category (`resume`, `skip`, `warning`...)"),
+            _c("kind", "TEXT", "short category (`resume`, `skip`, `warning`, `engine`: the sharpness engine chosen, or changed, and why...)"),
             _c("message", "TEXT", "human-readable text"),
             _c("wall", "REAL", "seconds since the run was created"),
         ),
         ("id",),
         "Log of notable events (resume, skipped measurements, warnings).",
+    ),
+    Table(
+        "planes",
+        (
+            _c("name", "TEXT", "name of the plane or line (unique in the run)"),
+            _c("kind", "TEXT", "`random` (filter-normalised, Li et al. 2018 §4), `updates` (two update directions), "
+                               "`pca` (a trajectory's PCA plane), `interpolate` (a segment between two points) "
+                               "or `custom`"),
+            _c("dims", "INTEGER", "2 for a plane f(x + α·d₁ + β·d₂), 1 for a line f(x + α·d)"),
+            _c("step", "INTEGER", "training step of the centre x, when it has one", nullable=True),
+            _c("x_label", "TEXT", "what α measures"),
+            _c("y_label", "TEXT", "what β measures (planes only)", nullable=True),
+            _c("alphas", "ARRAY", "the α grid"),
+            _c("betas", "ARRAY", "the β grid (planes only)", nullable=True),
+            _c("explained_variance", "ARRAY", "`pca`: fraction of the trajectory's variance along each axis",
+               nullable=True),
+            _c("markers", "JSON", "named points in plane coordinates, {name: [α, β]} (e.g. each update's unit "
+                                  "step, the endpoints of a segment)"),
+            _c("config", "JSON", "what defines the plane (seed, directions, a digest of the centre and the "
+                                 "directions, ...): a resumed computation must match it"),
+            _c("wall", "REAL", "seconds since the run was created"),
+        ),
+        ("name",),
+        "Loss planes and lines (Li et al. 2018; Goodfellow et al. 2015), one row each; the losses are in "
+        "`plane_losses`.",
+    ),
+    Table(
+        "plane_losses",
+        (
+            _c("name", "TEXT", "the plane (`planes.name`)"),
+            _c("objective", "TEXT", "`probe` (the probe batch) or `train` (training batches)"),
+            _c("start", "INTEGER", "flat index of the chunk's first grid point: k = i·len(betas) + j for "
+                                   "(alphas[i], betas[j]); k = i on a line"),
+            _c("loss", "ARRAY", "the loss at grid points start, start + 1, ... (committed chunk by chunk)"),
+            _c("fingerprint", "TEXT", "identifies the objective's batch and mode; resuming needs the same"),
+        ),
+        ("name", "objective", "start"),
+        "The loss on the grid of each plane, in chunks of consecutive grid points (a partly computed "
+        "grid resumes from the missing points).",
+    ),
+    Table(
+        "plane_trajectory",
+        (
+            _c("name", "TEXT", "the plane (`planes.name`)"),
+            _c("position", "INTEGER", "index of the point along the trajectory"),
+            _c("step", "INTEGER", "training step of the point, when known", nullable=True),
+            _c("label", "TEXT", "checkpoint or point name", nullable=True),
+            _c("alpha", "REAL", "coordinate along the first axis (least-squares projection onto the plane)"),
+            _c("beta", "REAL", "coordinate along the second axis (planes only)", nullable=True),
+            _c("residual", "REAL", "distance from the point to the plane (0: the point lies in it)"),
+            _c("loss", "REAL", "probe loss at the point itself", nullable=True),
+        ),
+        ("name", "position"),
+        "A trajectory (checkpoints, saved points) projected onto a plane or line.",
     ),
     # -- curvature (opt-in: MeasureSettings(curvature=CurvatureSettings(...)), landscape.curvature_measure)
     Table(
@@ -484,7 +670,12 @@ def _json_default(value: Any) -> Any:
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, default=_json_default, allow_nan=True, ensure_ascii=False)
+    text = json.dumps(value, default=_json_default, allow_nan=True, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a path that is not valid UTF-8: keep it exactly, escaped
+        text = json.dumps(value, default=_json_default, allow_nan=True, ensure_ascii=True)
+    return text
 
 
 def _normalise_json(value: Any, what: str) -> Any:
@@ -519,6 +710,10 @@ def _encode(table: Table, col: Column, value: Any) -> Any:
         if kind == "TEXT":
             if not isinstance(value, str):
                 raise TypeError
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # e.g. a message naming a path that is not valid UTF-8
+                value = value.encode("utf-8", "backslashreplace").decode("utf-8")
             return value
         if kind == "JSON":
             return _dumps(value)
@@ -612,6 +807,8 @@ class RunStore:
             Reopening a run with different settings raises :class:`RunMismatchError`.
         meta: more metadata to store (see the ``meta`` table), e.g. ``{"recipes": [...],
             "model": {...}}``. On resume it overwrites the stored keys, except ``created``.
+        writer_lock: a :class:`WriterLock` on ``path`` the caller already holds (it becomes the
+            store's, released by :meth:`close`); by default the store takes its own.
 
     Every :meth:`write` is one transaction; group several writes into one atomic commit with
     :meth:`transaction`. Thread-safe (one lock). Use as a context manager or call :meth:`close`.
@@ -623,7 +820,8 @@ class RunStore:
         ...     store.write("lines", line_rows)
     """
 
-    def __init__(self, path: str | Path, *, settings: Mapping[str, Any], meta: Mapping[str, Any] | None = None):
+    def __init__(self, path: str | Path, *, settings: Mapping[str, Any], meta: Mapping[str, Any] | None = None,
+                 writer_lock: WriterLock | None = None):
         if not isinstance(settings, Mapping):
             raise TypeError(f"settings must be a dict, got {type(settings).__name__}")
         meta = dict(meta or {})
@@ -636,21 +834,31 @@ class RunStore:
         meta = {k: _normalise_json(v, f"meta[{k!r}]") for k, v in meta.items()}
         self._lock = threading.RLock()
         self._depth = 0
+        self._conn: sqlite3.Connection | None = None
         db = self.path / DB_NAME
-        existed = db.exists()
         self.path.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(str(db), timeout=30.0, isolation_level=None, check_same_thread=False)
-        self._conn: sqlite3.Connection | None = conn
+        # One writer per folder, decided before the database is touched: a second writer never opens,
+        # creates or half-creates it.
+        if writer_lock is not None:  # taken earlier by the caller (a store created lazily), now ours
+            self._writer = writer_lock
+        else:
+            self._writer = WriterLock(self.path)
+            self._writer.acquire()
         try:
+            existed = db.exists()
+            conn = sqlite3.connect(str(db), timeout=30.0, isolation_level=None, check_same_thread=False)
+            self._conn = conn
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
-            if existed:
+            if existed and self._has_any_table():
                 self._open_existing(meta)
-            else:
+            else:  # new, or a file left by a creator that died before its first commit
                 self._create(meta)
         except BaseException:
-            conn.close()
-            self._conn = None
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            self._writer.release()
             raise
 
     # -- opening
@@ -685,6 +893,9 @@ class RunStore:
             self._migrate()
             self._put_meta(meta)
             self.log_event(None, "resume", f"reopened for writing at {_now_iso()}")
+
+    def _has_any_table(self) -> bool:
+        return self._conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' LIMIT 1").fetchone() is not None
 
     def _has_table(self, name: str) -> bool:
         return self._conn.execute(
@@ -785,6 +996,23 @@ class RunStore:
         with self.transaction():
             self._put_meta({key: value})
 
+    def truncate_after(self, step: int) -> dict[str, int]:
+        """Delete every row recorded for a step after ``step`` (all tables with a step column but the
+        ``events`` log), in one transaction: a resume that continues from ``step`` replaces them.
+
+        Returns:
+            ``{table: rows deleted}`` for the tables that lost rows.
+        """
+        out: dict[str, int] = {}
+        with self.transaction():
+            for t in _TABLE_LIST:
+                if t.name == "events" or "step" not in t.by_name or not self._has_table(t.name):
+                    continue
+                n = self._conn.execute(f'DELETE FROM "{t.name}" WHERE step > ?', (int(step),)).rowcount
+                if n:
+                    out[t.name] = n
+        return out
+
     def log_event(self, step: int | None, kind: str, message: str) -> None:
         """Append a row to the ``events`` table (``wall`` is filled in)."""
         self.write("events", {"step": step, "kind": kind, "message": message, "wall": self.elapsed()})
@@ -803,6 +1031,7 @@ class RunStore:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+            self._writer.release()
 
     @property
     def closed(self) -> bool:
@@ -820,6 +1049,14 @@ class RunStore:
 
 # --------------------------------------------------------------------------------------------------
 # reading
+
+
+#: The documented ``meta`` keys whose type readers rely on: (key, types, in words).
+_META_TYPES = (
+    ("settings", dict, "an object"), ("model", dict, "an object"), ("optimizer", dict, "an object"),
+    ("recipes", list, "a list"), ("trained_direction", str, "a string"), ("versions", dict, "an object"),
+    ("mode", str, "a string"), ("created", str, "a string"),
+)
 
 
 def load_run(path: str | Path) -> Run:
@@ -905,18 +1142,38 @@ class Run:
 
     # -- metadata
 
+    def _damaged(self, what: str) -> DamagedRunError:
+        return DamagedRunError(f"the run store {self.path / DB_NAME} is damaged: {what}")
+
     @property
     def meta(self) -> dict[str, Any]:
-        """Every ``meta`` entry, decoded."""
+        """Every ``meta`` entry, decoded (the documented keys checked for their types).
+
+        Raises:
+            DamagedRunError: an entry that is not valid JSON, or a documented key of the wrong type.
+        """
         if not self._exists("meta"):
             raise NotARunError(f"{self.path / DB_NAME} is not a landscape run (no meta table)")
         _, rows = self._query("SELECT key, value FROM meta ORDER BY key")
-        return {k: json.loads(v) for k, v in rows}
+        out = {}
+        for k, v in rows:
+            try:
+                out[k] = json.loads(v)
+            except (TypeError, ValueError):
+                shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
+                raise self._damaged(f"meta entry {k!r} is not valid JSON ({shown})") from None
+        for key, types, name in _META_TYPES:
+            if key in out and out[key] is not None and not isinstance(out[key], types):
+                raise self._damaged(f"meta entry {key!r} should be {name}, found {type(out[key]).__name__}")
+        for key in ("recipes",):
+            if isinstance(out.get(key), list) and not all(isinstance(x, str) for x in out[key]):
+                raise self._damaged(f"meta entry {key!r} should be a list of names")
+        return out
 
     @property
     def settings(self) -> dict[str, Any]:
         """The measurement-defining configuration the run was created with."""
-        return self.meta.get("settings", {})
+        return self.meta.get("settings") or {}
 
     @property
     def trained_direction(self) -> str | None:
@@ -958,14 +1215,29 @@ class Run:
             names = names + missing
         return t, names, rows
 
+    def _decode(self, table: str, col: Column | None, value: Any, **kw: Any) -> Any:
+        try:
+            if col is not None and value is not None and col.kind in ("INTEGER", "BOOL") and isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
+            return _decode(col, value, **kw)
+        except (TypeError, ValueError, OverflowError):
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise self._damaged(
+                f"table {table!r}, column {col.name if col else '?'!r} holds {shown}, not {col.kind if col else '?'}"
+            ) from None
+
     def rows(self, table: str, **where: Any) -> list[dict[str, Any]]:
         """Rows of ``table`` as dicts (arrays as numpy arrays), ordered by primary key.
 
         Keyword arguments filter on equality, e.g. ``run.rows("lines", step=100)``.
+
+        Raises:
+            DamagedRunError: a stored value that does not fit its column.
         """
         t, names, rows = self._select(table, where)
         cols = [t.by_name.get(n) for n in names]
-        return [{n: _decode(c, v) for n, c, v in zip(names, cols, r)} for r in rows]
+        return [{n: self._decode(table, c, v) for n, c, v in zip(names, cols, r)} for r in rows]
 
     def columns(self, table: str, **where: Any) -> dict[str, np.ndarray]:
         """Column-wise view of :meth:`rows`: ``REAL`` as float arrays (``nan`` for missing),
@@ -975,7 +1247,7 @@ class Run:
         out: dict[str, np.ndarray] = {}
         for j, name in enumerate(names):
             col = t.by_name.get(name)
-            values = [_decode(col, r[j], nullable_as_none=False) for r in rows]
+            values = [self._decode(table, col, r[j], nullable_as_none=False) for r in rows]
             kind = col.kind if col is not None else None
             if kind == "REAL":
                 out[name] = np.array(values, dtype=np.float64)
@@ -1007,7 +1279,7 @@ class Run:
         if not self._exists(table):
             return []
         _, rows = self._query(f'SELECT DISTINCT step FROM "{table}" WHERE step IS NOT NULL ORDER BY step')
-        return [int(s) for (s,) in rows]
+        return [self._decode(table, t.by_name["step"], s) for (s,) in rows]
 
     def has(self, table: str) -> bool:
         """Whether ``table`` has at least one row."""
@@ -1034,5 +1306,30 @@ if __doc__ is not None:
     __doc__ += "\nTables\n------\n\n" + schema_markdown()
 
 
-if __name__ == "__main__":  # python -m landscape.store: the tables section of docs/store_schema.md
-    print(schema_markdown())
+def update_schema_docs(*paths: str | Path) -> list[Path]:
+    """Replace the ``### Tables`` section of each Markdown file (up to its next ``##``/``###``
+    heading, or the end) with :func:`schema_markdown`; returns the files changed."""
+    changed = []
+    for path in map(Path, paths):
+        text = path.read_text(encoding="utf-8")
+        lines = text.split("\n")
+        try:
+            start = lines.index("### Tables") + 1
+        except ValueError:
+            raise ValueError(f"{path} has no '### Tables' heading") from None
+        end = next((i for i in range(start, len(lines)) if lines[i].startswith(("## ", "### "))), len(lines))
+        new = "\n".join(lines[:start] + [""] + schema_markdown().split("\n") + lines[end:])
+        if new != text:
+            path.write_text(new, encoding="utf-8")
+            changed.append(path)
+    return changed
+
+
+if __name__ == "__main__":
+    # python -m landscape.store: print the tables section; with file names (docs/store_schema.md
+    # README.md), rewrite their "### Tables" sections in place.
+    if len(sys.argv) > 1:
+        for changed in update_schema_docs(*sys.argv[1:]):
+            print(f"updated {changed}")
+    else:
+        print(schema_markdown())

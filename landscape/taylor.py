@@ -19,10 +19,17 @@ A graph holding an operator without a rule is *unsupported*: :meth:`TaylorGraph.
 the operators, and callers fall back to Hessian-vector products (``Objective`` does so automatically).
 The rules are checked against dense float64 Hessians and double-backward HVPs in the tests.
 
+The traced inputs are the measured parameters, the other parameters and the buffers; the probe batch
+is a constant. Values computed from the batch alone (attention masks, position tables, label shifting)
+are the same at every point, so Python may read them while tracing: ``.item()`` and branches on them,
+as Hugging Face models do with ``attention_mask``, are resolved once at trace time, exactly, since the
+batch is fixed. The tensor operations on the batch are still recorded and replayed at each evaluation,
+so the recording keeps no computed tensor alive (only references to the batch's own tensors).
+
 Limits (documented in the README): the trace records the operations taken at the point where it was
-made, so a loss whose Python control flow depends on *parameter values* is not supported by this
-path (use ``method="hvp"``); plain tensor attributes of the model that are not parameters or buffers
-are recorded as constants.
+made, so a loss whose Python control flow depends on *parameter or buffer values* is not supported by
+this path (use ``method="hvp"``); plain tensor attributes of the model that are not parameters or
+buffers are recorded as constants.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.fx import GraphModule, Node
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["TaylorGraph", "UnsupportedGraph"]
 
@@ -694,12 +703,95 @@ _CONSTANT = {
 
 
 # ---------------------------------------------------------------------------------------------- the graph
+def _mutated(func: Any, args: Sequence[Any], kwargs: dict) -> list[Tensor]:
+    """The tensors an operator writes into (its schema's ``Tensor(a!)`` arguments)."""
+    schema = getattr(func, "_schema", None)
+    if schema is None:
+        return []
+    out = []
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        v = kwargs.get(arg.name, args[i] if i < len(args) and not arg.kwarg_only else None)
+        if isinstance(v, Tensor):
+            out.append(v)
+    return out
+
+
+class _BatchConstants(TorchDispatchMode):
+    """Inside ``make_fx``: values computed from the batch alone are read at trace time.
+
+    An operator that reads no traced input (only the batch, factories, plain tensor attributes, or
+    results of such operators) gives the same result at every point: it is recorded and replayed as
+    usual, but an operator that reads its *values* (``.item()``, ``bool(t)``, ``torch.equal``: what
+    Hugging Face's attention-mask handling does) runs eagerly on the values of the trace, so the Python
+    branches taken on them are resolved once, exactly as for any fixed batch. What depends on the
+    parameters or buffers cannot be read this way (the trace fails, and the loss is measured by HVPs).
+
+    Nothing computed is stored with the recording: the batch-only operations are replayed at each
+    evaluation (their results live as long as the ones that depend on the point), and the only tensor
+    constants are the batch's own tensors (references, not copies) and literals.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.fx.experimental.proxy_tensor import get_proxy_mode
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        mode = get_proxy_mode()
+        if mode is None:  # pragma: no cover - only entered inside make_fx
+            raise RuntimeError("batch constants need an active make_fx trace")
+        self.tracer = mode.tracer
+        self.constant = WeakIdKeyDictionary()  # recorded tensors computed from the batch alone
+
+    def _traced(self, t: Tensor) -> bool:
+        """``t`` depends on the traced inputs."""
+        from torch.fx.experimental.proxy_tensor import has_proxy_slot
+
+        return t not in self.constant and has_proxy_slot(t, self.tracer)
+
+    def _now_traced(self, target: Tensor) -> None:
+        """``target`` is written values that depend on the point: it and every alias of it are no
+        longer batch constants (their values cannot be read at trace time)."""
+        ptr = target.untyped_storage().data_ptr()
+        for t in list(self.constant.keys()):
+            if t.untyped_storage().data_ptr() == ptr:
+                del self.constant[t]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, has_proxy_slot
+
+        kwargs = kwargs or {}
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        if any(self._traced(t) for t in tensors):
+            for t in _mutated(func, args, kwargs):
+                if t in self.constant:
+                    self._now_traced(t)
+                elif not has_proxy_slot(t, self.tracer):
+                    # A batch tensor is no recorded value: its aliases would stay constants.
+                    raise UnsupportedGraph(
+                        f"the loss writes values that depend on the parameters or buffers into a tensor of the "
+                        f"batch, in place ({func})"
+                    )
+            return func(*args, **kwargs)
+        if torch.Tag.data_dependent_output in func.tags or func is aten.is_nonzero.default:
+            with disable_proxy_modes_tracing():
+                return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, Tensor):
+                self.constant[t] = True
+        return out
+
+
 class TaylorGraph:
     """A loss traced once into an ATen graph, swept in second-order Taylor mode along directions.
 
     Args:
         fn: ``fn(measured, others) -> scalar loss`` with ``measured`` and ``others`` lists of tensors.
-            Called once with real tensors to record the graph (it runs the computation).
+            Called once with real tensors to record the graph (it runs the computation). Tensors it
+            reads from elsewhere (its batch) are constants whose values it may read (``.item()``,
+            branches) while it is traced (:class:`_BatchConstants`).
         measured: the tensors the directions perturb.
         others: the other tensor inputs (frozen parameters, buffers), read again at every evaluation.
     """
@@ -707,8 +799,12 @@ class TaylorGraph:
     def __init__(self, fn: Callable[[list[Tensor], list[Tensor]], Tensor], measured: Sequence[Tensor], others: Sequence[Tensor]) -> None:
         from torch.fx.experimental.proxy_tensor import make_fx
 
+        def traced(meas: list[Tensor], rest: list[Tensor]) -> Tensor:
+            with _BatchConstants():
+                return fn(meas, rest)
+
         with torch.no_grad():
-            self.gm: GraphModule = make_fx(fn, tracing_mode="real")(list(measured), list(others))
+            self.gm: GraphModule = make_fx(traced, tracing_mode="real")(list(measured), list(others))
         self.n_measured = len(measured)
         nodes = list(self.gm.graph.nodes)
         self.placeholders = [n for n in nodes if n.op == "placeholder"]

@@ -2,7 +2,9 @@
 
 The numbers mimic a small transformer trained with Adam (seed 002 Table 1 ratios), and include the
 awkward cases readers must handle: a δ-shifted sharpness, a negative reported sharpness (negative
-ratio to SGD), a NaN sharpness, a skipped training step, NaN/inf inside a landscape line.
+ratio to SGD), a NaN sharpness, a skipped training step, NaN/inf inside a landscape line; and, on
+request (``sgd_negative=``), steps where SGD's own sharpness is negative, so that the ratio to SGD is
+undefined there.
 
 Example:
     >>> from tests._synthetic import write_synthetic_run
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from landscape._ratio import ratio_to_reference
 from landscape.store import RunStore
 
 RECIPES: tuple[str, ...] = (
@@ -45,9 +48,12 @@ SETTINGS = {
 }
 
 
-def sharpness_value(step: int, direction: str) -> tuple[float, float, float | None, bool]:
+def sharpness_value(step: int, direction: str, sgd_negative: Sequence[int] = ()) -> tuple[float, float, float | None, bool]:
     """(reported, raw, shifted_value, shifted) for ``direction`` at ``step`` in the synthetic run."""
     sgd = 8.674583 / (1.0 + step / 50.0)
+    if step in sgd_negative:  # every direction negative, still after the shift (as at a demo's first step)
+        scale = _RATIO.get(direction, 0.01)
+        return -2.0 * scale, -1.0 * scale, -2.0 * scale, True
     raw = sgd * _RATIO.get(direction, 0.01) * (1.0 + 0.1 * np.sin(step + len(direction)))
     if step == 50 and direction == "adam":  # negative raw value, positive after the δ-shift
         return 0.0021, -0.0013, 0.0021, True
@@ -66,8 +72,14 @@ def write_synthetic_run(
     trained: str | None = TRAINED,
     smoothness: bool = True,
     seed: int = 0,
+    sgd_negative: Sequence[int] = (),
+    legacy_ratios: bool = False,
 ) -> Path:
-    """Write a complete fake run into ``path`` through :class:`RunStore`; returns ``path``."""
+    """Write a complete fake run into ``path`` through :class:`RunStore`; returns ``path``.
+
+    ``sgd_negative``: steps where every direction's reported sharpness, SGD's included, is negative.
+    ``legacy_ratios``: store ``value / sgd`` even where SGD's sharpness is ≤ 0, as runs written before
+    the ratio rule did (readers must drop those ratios)."""
     rng = np.random.default_rng(seed)
     path = Path(path)
     directions = list(recipes) + ([trained] if trained else [])
@@ -93,14 +105,17 @@ def write_synthetic_run(
         for step in measured:
             f0 = float(losses[step])
             sharp, lines, hists = [], [], []
-            sgd_value = sharpness_value(step, "sgd")[0]
+            sgd_value = sharpness_value(step, "sgd", sgd_negative)[0]
             for d in directions:
-                value, raw, shifted_value, shifted = sharpness_value(step, d)
+                value, raw, shifted_value, shifted = sharpness_value(step, d, sgd_negative)
+                ratio, note = ratio_to_reference(value, sgd_value)
+                if legacy_ratios:
+                    ratio, note = value / sgd_value, None
                 g = 0.5 + 0.3 * rng.random()
                 positive = value > 0
                 sharp.append({
                     "step": step, "direction": d, "sharpness": value, "raw": raw, "shifted_value": shifted_value,
-                    "shifted": shifted, "ratio_to_sgd": value / sgd_value, "grad_correlation": g,
+                    "shifted": shifted, "ratio_to_sgd": ratio, "ratio_note": note, "grad_correlation": g,
                     "update_norm": float(rng.uniform(0.1, 10)), "best_step": g / value if positive else None,
                     "predicted_reduction": g * g / (2 * value) if positive else None, "loss": f0,
                 })

@@ -205,27 +205,53 @@ class Cubic(torch.nn.Module):
 
 
 @METHODS
-def test_shifted_fallback_negative_then_positive(method):
+def test_shifted_fallback_is_taken_toward_the_step(method):
+    """Seed 002 App. B.3: the shifted Hessian is taken a distance δ toward the step x − η·u, at x − δû.
+
+    Along û = −e₀ the curvature of the cubic is f''(x₀ − s) for a step s: at x₀ = −0.004 it is
+    negative at x (−0.004), positive at x − δû (x₀ + δ = 0.006) and more negative at x + δû
+    (x₀ − δ = −0.014). Only the first side is the seed's.
+    """
     model = Cubic(torch.tensor([-0.004, 0.3, -0.2], dtype=torch.float64))
     obj = ls.Objective(model, call_loss, None)
-    e0 = {"x": torch.tensor([2.0, 0.0, 0.0], dtype=torch.float64)}
-    default = ls.directional_sharpness(obj, {"u": e0}, method=method)["u"]
-    # f''(x0 + δ) along e0 = x0 + δ = 0.006 > 0 while f''(x0) = -0.004 < 0
+    u = {"x": torch.tensor([-2.0, 0.0, 0.0], dtype=torch.float64)}  # the step x − η·u moves x₀ up
+    default = ls.directional_sharpness(obj, {"u": u}, method=method)["u"]
     assert default.raw == pytest.approx(-0.004, rel=1e-12)
-    assert default.shifted and default.shifted_value == pytest.approx(0.006, rel=1e-10)
+    assert default.shifted and default.shifted_value == pytest.approx(-0.004 + 0.01, rel=1e-10)  # x − δû
+    assert default.shifted_value > 0 > default.raw
     assert default.value == default.shifted_value
     assert default.best_step is not None and default.predicted_reduction is not None
-    never = ls.directional_sharpness(obj, {"u": e0}, shift="never", method=method)["u"]
+    never = ls.directional_sharpness(obj, {"u": u}, shift="never", method=method)["u"]
     assert not never.shifted and never.value == pytest.approx(-0.004, rel=1e-12)
     assert never.shifted_value is None and never.best_step is None and never.predicted_reduction is None
-    always = ls.directional_sharpness(obj, {"u": e0}, shift="always", delta=0.1, method=method)["u"]
+    always = ls.directional_sharpness(obj, {"u": u}, shift="always", delta=0.1, method=method)["u"]
     assert always.shifted and always.value == pytest.approx(-0.004 + 0.1, rel=1e-10)
+    # the opposite direction: x − δû is now x₀ − δ, and the shifted value follows it (more negative)
+    flipped = ls.directional_sharpness(obj, {"u": tree.scale(u, -1.0)}, method=method)["u"]
+    assert flipped.raw == pytest.approx(-0.004, rel=1e-12)
+    assert flipped.shifted and flipped.shifted_value == pytest.approx(-0.004 - 0.01, rel=1e-10)
     # a positive direction is not shifted under the default policy
     e1 = {"x": torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)}
     pos = ls.directional_sharpness(obj, {"u": e1}, method=method)["u"]
     assert not pos.shifted and pos.value == pytest.approx(0.3 + 1.0, rel=1e-12)
     with pytest.raises(ValueError, match="shift"):
-        ls.directional_sharpness(obj, {"u": e0}, shift="sometimes")
+        ls.directional_sharpness(obj, {"u": u}, shift="sometimes")
+
+
+@pytest.mark.parametrize("delta", [-0.01, float("nan"), float("inf")])
+def test_shift_delta_is_a_distance(delta):
+    model = Cubic(torch.tensor([-0.004, 0.3, -0.2], dtype=torch.float64))
+    obj = ls.Objective(model, call_loss, None)
+    u = {"x": torch.tensor([-2.0, 0.0, 0.0], dtype=torch.float64)}
+    with pytest.raises(ValueError, match="delta"):
+        ls.directional_sharpness(obj, {"u": u}, delta=delta)
+    with pytest.raises(ValueError, match="delta"):
+        ls.MeasureSettings(delta=delta)
+    with pytest.raises(TypeError, match="delta"):
+        ls.directional_sharpness(obj, {"u": u}, delta="0.01")
+    # δ = 0 is allowed: the shifted value is then the raw one, evaluated again
+    zero = ls.directional_sharpness(obj, {"u": u}, delta=0.0)["u"]
+    assert zero.shifted and zero.shifted_value == pytest.approx(zero.raw, rel=1e-12)
 
 
 # ----------------------------------------------------------------------------- trace

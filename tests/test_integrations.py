@@ -205,3 +205,73 @@ def test_hf_callback_fills_the_store_and_leaves_training_bit_identical(tmp_path)
     assert set(rows) == set(run.directions)
     assert all(torch.isfinite(torch.tensor(r["sharpness"])) for r in rows.values())
     assert cb._hook is None  # the loss hook is removed at the end of training
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+
+@needs_hf
+def test_hf_resume_from_a_checkpoint_continues_the_probe_on_the_same_trajectory(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+    from transformers.utils import logging as hf_logging
+
+    from landscape.integrations.transformers import PROBE_STATE_FILE, LandscapeCallback
+
+    hf_logging.set_verbosity_error()
+
+    def fit(out, hf_out, resume=None):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=32,
+                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+        args = TrainingArguments(
+            output_dir=str(hf_out), max_steps=6, per_device_train_batch_size=4, learning_rate=5e-3, report_to=[],
+            use_cpu=True, save_strategy="steps", save_steps=3, logging_strategy="no", seed=0,
+            dataloader_num_workers=0, disable_tqdm=True,
+        )
+        cb = LandscapeCallback(out, every=2, recipes=RECIPES, settings=FAST)
+        trainer = Trainer(model=model, args=args, train_dataset=TokenData(), callbacks=[cb])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.train(resume_from_checkpoint=resume)
+        return cb
+
+    fit(tmp_path / "ref", tmp_path / "hf_ref")
+    fit(tmp_path / "run", tmp_path / "hf")  # a first run that went on to step 6 ...
+    assert (tmp_path / "hf" / "checkpoint-3" / PROBE_STATE_FILE).is_file()
+    fit(tmp_path / "run", tmp_path / "hf", resume=str(tmp_path / "hf" / "checkpoint-3"))  # ... resumed at step 3
+    a, b = load_run(tmp_path / "ref"), load_run(tmp_path / "run")
+    assert b.steps("steps") == a.steps("steps") == list(range(1, 7)) and b.steps() == a.steps() == [1, 2, 4, 6]
+    assert any("resumed after step 3" in e["message"] for e in b.events())
+    ca, cb_ = a.columns("sharpness"), b.columns("sharpness")
+    torch.testing.assert_close(torch.tensor(cb_["sharpness"]), torch.tensor(ca["sharpness"]), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(torch.tensor(cb_["update_norm"]), torch.tensor(ca["update_norm"]), rtol=1e-4, atol=0)
+
+
+@needs_lightning
+def test_lightning_resume_from_a_checkpoint_continues_the_probe_on_the_same_trajectory(tmp_path, quiet_lightning):
+    from landscape.integrations.lightning import LandscapeCallback
+
+    def fit(out, ckdir, steps, resume=None):
+        L.seed_everything(0, verbose=False)
+        module = TinyModule()
+        module.net[2].p = 0.0  # no dropout: the resumed RNG stream need not match
+        gen = torch.Generator().manual_seed(0)
+        data = torch.utils.data.TensorDataset(torch.randn(24, 6, generator=gen), torch.randint(0, 3, (24,), generator=gen))
+        loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=False)  # 3 steps an epoch
+        ck = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckdir, every_n_train_steps=3, save_top_k=-1)
+        cb = LandscapeCallback(out, every=2, recipes=RECIPES, settings=FAST)
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, callbacks=[cb, ck],
+                            enable_progress_bar=False, enable_model_summary=False, deterministic=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(module, loader, ckpt_path=resume)
+
+    fit(tmp_path / "ref", tmp_path / "ck_ref", 6)
+    fit(tmp_path / "run", tmp_path / "ck", 6)
+    resume = next((tmp_path / "ck").glob("*step=3.ckpt"))
+    fit(tmp_path / "run", tmp_path / "ck", 6, resume=str(resume))
+    a, b = load_run(tmp_path / "ref"), load_run(tmp_path / "run")
+    assert b.steps("steps") == a.steps("steps") == list(range(1, 7)) and b.steps() == a.steps() == [1, 2, 4, 6]
+    assert any("resumed after step 3" in e["message"] for e in b.events())
+    ca, cb_ = a.columns("sharpness"), b.columns("sharpness")
+    torch.testing.assert_close(torch.tensor(cb_["sharpness"]), torch.tensor(ca["sharpness"]), rtol=1e-5, atol=1e-8)

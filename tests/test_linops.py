@@ -220,7 +220,7 @@ def test_directional_sharpness_and_robust_smoothness_on_the_ggn():
     always = ls.directional_sharpness(obj, {"a": dirs["a"]}, curvature="ggn", shift="always", delta=0.1)["a"]
     x = obj.params()
     u, _ = tree.normalize(dirs["a"])
-    with GGNOperator(obj, at=tree.axpy(0.1, u, x)) as shifted:
+    with GGNOperator(obj, at=tree.axpy(-0.1, u, x)) as shifted:  # x − δû, toward the step
         assert always.shifted_value == pytest.approx(shifted.quadratic_forms([u])[0], rel=1e-12)
     rb = ls.robust_smoothness(obj, curvature="ggn", row_norms="exact", eps=0.1, spectrum="norm", tol=1e-10)
     w = torch.linalg.eigvalsh(G)

@@ -158,12 +158,15 @@ def test_sharpness_ratio_plots_abs_ratio_with_negative_markers(synthetic_run):
         m = cols["direction"] == d
         np.testing.assert_array_equal(drawn[d].get_xdata(), cols["step"][m])
         np.testing.assert_array_equal(drawn[d].get_ydata(), np.abs(cols["ratio_to_sgd"][m]))
-    # gensignsgd's NaN at step 0 is a gap; lion's negative ratio at step 100 an open marker
+    # gensignsgd's NaN at step 0 is a gap; lion's negative (δ-shifted) ratio at step 100 an open triangle
     assert np.isnan(drawn["gensignsgd"].get_ydata()[0])
-    neg = drawn["_negative lion"]
-    assert list(neg.get_xdata()) == [100] and neg.get_markerfacecolor() == "white"
+    neg = drawn["_shifted negative lion"]
+    assert list(neg.get_xdata()) == [100] and neg.get_markerfacecolor() == "white" and neg.get_marker() == "^"
     assert neg.get_ydata()[0] == pytest.approx(-run.rows("sharpness", step=100, direction="lion")[0]["ratio_to_sgd"])
-    assert lp._NEGATIVE_LABEL in drawn
+    pos = drawn["_shifted adam"]  # positive after the shift: a filled triangle
+    assert list(pos.get_xdata()) == [50] and pos.get_markerfacecolor() == drawn["adam"].get_color()
+    assert lp._NEGATIVE_LABEL in drawn and lp._SHIFTED_LABEL in drawn
+    assert lp._UNDEFINED_LABEL not in drawn  # SGD is positive at every step
     assert [t.get_text() for t in ax.get_legend().get_texts()][-1] == "sgd (= 1)"
 
 
@@ -184,7 +187,20 @@ def test_sharpness_over_time(synthetic_run):
     for d in ("adam", "lion"):
         c = run.columns("sharpness", direction=d)
         np.testing.assert_array_equal(drawn[d].get_ydata(), np.abs(c["sharpness"]))
-    assert "_negative lion" in drawn and "_negative adam" not in drawn
+    assert "_shifted negative lion" in drawn and "_shifted adam" in drawn and "_negative adam" not in drawn
+    assert list(drawn["_shifted adam"].get_xdata()) == [50]
+
+
+def test_sharpness_ratio_marks_steps_where_it_is_undefined(tmp_path):
+    run = load_run(write_synthetic_run(tmp_path / "r", sgd_negative=(50,), legacy_ratios=True))
+    ax = lp.sharpness_ratio(run)
+    drawn = lines_by_label(ax)
+    for d in run.directions:
+        if d != "sgd":  # the stored legacy ratio at step 50 (two negatives) is not drawn
+            assert np.isnan(drawn[d].get_ydata()[1]) and np.isfinite(drawn[d].get_ydata()[2])
+    assert list(drawn[lp._UNDEFINED_LABEL].get_xdata()) == [50, 50]
+    over = lines_by_label(lp.sharpness_over_time(run, directions=["sgd"]))
+    assert list(over["_shifted negative sgd"].get_xdata()) == [50] and over["sgd"].get_ydata()[1] == 2.0
 
 
 # -- histograms and cosines ------------------------------------------------------------------------

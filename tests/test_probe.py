@@ -235,3 +235,19 @@ def test_a_run_killed_with_sigkill_keeps_its_measurements(tmp_path):
     res = CliRunner().invoke(app, ["report", str(out), "--format", "csv"])
     assert res.exit_code == 0, res.output
     assert len(res.output.strip().splitlines()) - 1 == len(steps) * (len(RECIPES) + 1)
+
+
+def test_two_probes_on_one_folder_are_refused_and_leave_the_first_intact(tmp_path):
+    model, pb, gen = make()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with Probe(model, lm_loss, pb, out=tmp_path / "run", every=2, recipes=RECIPES, settings=FAST) as first:
+        first.attach(opt)
+        train(model, opt, gen, 3, first)
+        second = Probe(model, lm_loss, pb, out=tmp_path / "run", every=2, recipes=RECIPES, settings=FAST)
+        opt2 = torch.optim.Adam(model.parameters(), lr=1e-2)
+        with pytest.raises(ls.store.RunLockedError, match="already being written by a writer in this same process"):
+            second.attach(opt2)
+        assert not opt2._optimizer_step_pre_hooks  # nothing was hooked
+        train(model, opt, gen, 2, first)
+    run = load_run(tmp_path / "run")
+    assert [r["step"] for r in run.rows("steps")] == [1, 2, 3, 4, 5] and run.steps() == [1, 2, 4]

@@ -70,7 +70,8 @@ def test_markdown_header_and_per_step_tables(synthetic_run):
         stored = {r["direction"]: r for r in run.rows("sharpness", step=step)}
         for direction, sharp, ratio, corr in table:
             r = stored[direction]
-            assert sharp == rp._md_num(r["sharpness"]) + ("†" if r["shifted"] else "")
+            marks = ("†" if r["shifted"] else "") + ("‡" if r["sharpness"] < 0 else "")
+            assert sharp == rp._md_num(r["sharpness"]) + marks
             assert ratio == rp._md_num(r["ratio_to_sgd"]) and corr == rp._md_num(r["grad_correlation"])
     assert md_section(text, "Step 0")[run.directions.index("gensignsgd")][1] == "–"  # NaN
 
@@ -81,10 +82,13 @@ def test_markdown_marks_shifted_values_with_a_dagger_and_footnote(synthetic_run)
     assert step50["adam"][1] == "0.0021†"
     assert sum("†" in row[1] for row in step50.values()) == 1
     part = text.split("## Step 50\n", 1)[1].split("\n## ", 1)[0]
-    assert "† δ-shifted sharpness" in part and "(δ = 0.01)" in part and "adam -0.0013" in part
+    assert "† δ-shifted sharpness ûᵀ∇²f(x − δû)û" in part and "(δ = 0.01)" in part and "adam -0.0013" in part
+    assert "‡" not in part  # the shifted value is positive
     assert "†" not in text.split("## Step 0\n", 1)[1].split("\n## ", 1)[0]
     step100 = {row[0]: row for row in md_section(text, "Step 100")}
-    assert step100["lion"][1] == "-5.000e-04†" and step100["lion"][2].startswith("-")
+    assert step100["lion"][1] == "-5.000e-04†‡" and step100["lion"][2].startswith("-")  # SGD > 0: ratio kept
+    part = text.split("## Step 100\n", 1)[1].split("\n## ", 1)[0]
+    assert "‡ negative reported sharpness" in part and part.count("‡") == 2  # the mark and its note
 
 
 def test_markdown_summary_and_smoothness(synthetic_run):
@@ -92,7 +96,12 @@ def test_markdown_summary_and_smoothness(synthetic_run):
     summary_rows = {row[0]: row for row in md_section(text, "Sharpness relative to SGD (median over 3 measured steps)")}
     med = {s["direction"]: s for s in summary(synthetic_run)}
     assert summary_rows["adam_clip"][1] == rp._md_num(med["adam_clip"]["median_ratio_to_sgd"])
-    assert summary_rows["adam"][4] == "1/3"
+    assert summary_rows["adam"][5] == "1/3" and summary_rows["adam"][4] == "0/3"  # shifted, negative
+    assert summary_rows["lion"][4] == "1/3" and summary_rows["adam"][2] == "3/3"  # negative; steps in the ratio
+    for name in ("ratio to SGD", "sharpness", "negative", "δ-shifted", "gᵀû"):  # every column is defined
+        assert f"- **{name}**: " in text
+    assert "gradient projection" in text and "not a correlation coefficient" in text
+    assert "exclude" not in text  # SGD is positive at every step
     smooth = dict(md_section(text, "Local smoothness along the training steps (seed 001 §5.2)"))
     assert smooth["samples"] == "20 (steps 0–95)"
     layers = md_section(text, "Coordinate-wise smoothness per layer (seed 001 Fig. 3)")
@@ -127,11 +136,13 @@ def test_number_formats(x, md, tex):
 def test_latex_is_booktabs_with_escaped_names(synthetic_run):
     text = report(synthetic_run, "latex", steps=[50, 100])
     assert text.count(r"\begin{table}") == text.count(r"\end{table}") == 1 + 2 + 3  # summary, steps, smoothness
+    assert text.count(r"\begin{minipage}") == text.count(r"\end{minipage}") == 3  # notes: summary, both steps
     for rule in (r"\toprule", r"\midrule", r"\bottomrule"):
         assert text.count(rule) == 6
     body = "\n".join(line for line in text.splitlines() if not line.startswith("%"))  # comments: raw metadata
     assert r"adam\_clip\_update & " in body and "adam_clip" not in body.replace(r"\_", "")
-    assert r"0.0021$^\dagger$" in text and r"\multicolumn{4}{l}{\footnotesize $^\dagger$" in text
+    assert r"0.0021$^\dagger$" in text and "\\footnotesize\\raggedright\n$^\\dagger$ $\\delta$-shifted" in text
+    assert r"f(x - \delta \hat u)" in text and r"-5.000 \times 10^{-4}$$^\dagger$$^\ddagger$" in text
     assert r"$\delta = 0.01$" in text
     for line in text.splitlines():
         if line.startswith("%"):
@@ -179,3 +190,42 @@ def test_bad_arguments(synthetic_run):
         report(synthetic_run, "html")
     with pytest.raises(NoDataError, match=r"step\(s\) 7 not measured.*measured steps: 0, 50, 100"):
         report(synthetic_run, "md", steps=[7])
+
+
+# -- the ratio to SGD where SGD's sharpness is not positive ----------------------------------------
+
+
+def test_ratio_is_undefined_where_sgd_is_not_positive(tmp_path):
+    run = load_run(write_synthetic_run(tmp_path / "r", sgd_negative=(50,)))
+    records = sharpness_records(run, steps=[50])
+    assert all(r["ratio_to_sgd"] is None and r["ratio_note"].startswith("sgd sharpness ≤ 0") for r in records)
+    stored = run.rows("sharpness", step=50)
+    assert all(r["ratio_to_sgd"] is None and "≤ 0" in r["ratio_note"] for r in stored)
+    rows = {s["direction"]: s for s in summary(run)}
+    c = run.columns("sharpness")
+    for d, s in rows.items():
+        m = (c["direction"] == d) & (c["step"] != 50)
+        assert s["n_ratio"] == 2 - (d == "gensignsgd") and [st for st, _ in s["ratio_excluded"]][-1] == 50
+        assert s["median_ratio_to_sgd"] == pytest.approx(np.nanmedian(c["sharpness"][m] / c["sharpness"][
+            (c["direction"] == "sgd") & (c["step"] != 50)]))
+    assert rows["adam"]["n_negative"] == 1 and rows["sgd"]["n_negative"] == 1
+    text = report(run, "md")
+    assert "The ratio medians exclude 1 of 3 measured steps where the ratio to SGD is undefined " \
+           "(sgd sharpness ≤ 0 at step 50)" in text
+    assert "gensignsgd: step 0" in text  # its own NaN is named with it
+    step50 = {row[0]: row for row in md_section(text, "Step 50")}
+    assert all(row[2] == "–" and row[1].endswith("†‡") for row in step50.values())
+    assert "Ratio to SGD undefined (sgd sharpness ≤ 0 (-2))." in text
+    tex = report(run, "latex")
+    assert r"sgd sharpness $\le$ 0 (-2)" in tex and "exclude 1 of 3" in tex
+    csv_rows = [r for r in csv.DictReader(io.StringIO(report(run, "csv"))) if r["step"] == "50"]
+    assert all(r["ratio_to_sgd"] == "" and r["ratio_note"].startswith("sgd sharpness") for r in csv_rows)
+
+
+def test_ratios_stored_by_older_runs_against_a_negative_sgd_are_dropped(tmp_path):
+    run = load_run(write_synthetic_run(tmp_path / "r", sgd_negative=(50,), legacy_ratios=True))
+    assert run.rows("sharpness", step=50, direction="adam")[0]["ratio_to_sgd"] == pytest.approx(1.0 * 0.029131 / 1.0)
+    adam = [r for r in sharpness_records(run) if r["direction"] == "adam"]
+    assert [r["ratio_to_sgd"] is None for r in adam] == [False, True, False]
+    assert adam[1]["ratio_note"].startswith("sgd sharpness ≤ 0")
+    assert {s["direction"]: s for s in summary(run)}["adam"]["n_ratio"] == 2

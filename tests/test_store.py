@@ -54,6 +54,7 @@ def test_tables_declare_the_documented_schema():
         "meta": ("key",), "steps": ("step",), "sharpness": ("step", "direction"), "lines": ("step", "direction"),
         "histograms": ("step", "direction"), "cosine": ("step", "a", "b"), "smoothness": ("step",),
         "coord_smoothness": ("step", "layer"), "robust": ("step",), "events": ("id",),
+        "planes": ("name",), "plane_losses": ("name", "objective", "start"), "plane_trajectory": ("name", "position"),
         # curvature (landscape.curvature_measure)
         "eigenvalues": ("step", "curvature", "block", "which", "rank"), "trace": ("step", "curvature", "method"),
         "density": ("step", "curvature"), "preconditioned": ("step", "optimizer", "curvature"),
@@ -417,3 +418,94 @@ def test_sigkilled_writer_leaves_every_committed_row_readable(tmp_path):
     with RunStore(path, settings={"k": 1}) as s:
         s.write("sharpness", sharp_row(last + 1, "sgd"))
     assert load_run(path).steps()[-1] == last + 1
+
+
+# -- one writer per run folder ---------------------------------------------------------------------
+
+HOLDER = textwrap.dedent("""
+    import importlib.util, sys, time
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("store", sys.argv[4])  # the store alone: no torch import
+    store_module = sys.modules["store"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(store_module)
+    RunStore, RunLockedError = store_module.RunStore, store_module.RunLockedError
+    folder, go, hold = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
+    print("ready", flush=True)
+    while not go.exists():  # start together (a creation race)
+        time.sleep(0.001)
+    try:
+        store = RunStore(folder, settings={"every": 10}, meta={"recipes": ["sgd"]})
+    except RunLockedError as e:
+        print("locked", e, flush=True)
+        sys.exit(3)
+    print("writer", flush=True)
+    store.write("events", {"step": None, "kind": "note", "message": "hello", "wall": 0.0})
+    time.sleep(hold)
+    store.close()
+""")
+
+
+def _holders(tmp_path, n, hold):
+    folder, go = tmp_path / "run", tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), str(go), str(hold),
+                               str(ROOT / "landscape" / "store.py")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(n)]
+    return folder, go, procs
+
+
+def test_second_writer_in_another_process_is_refused_naming_the_holder(tmp_path):
+    folder, go, (proc,) = _holders(tmp_path, 1, hold=120)
+    assert proc.stdout.readline().strip() == "ready"
+    go.touch()
+    try:
+        assert proc.stdout.readline().strip() == "writer"
+        with pytest.raises(st.RunLockedError, match=rf"already being written by pid {proc.pid} on .*since"):
+            RunStore(folder, settings={"every": 10})
+        assert load_run(folder).meta["recipes"] == ["sgd"]  # readers are not affected
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # a killed holder releases the lock: the run can be resumed at once
+        proc.wait(timeout=30)
+        proc.stdout.close()
+        proc.stderr.close()
+    with RunStore(folder, settings={"every": 10}) as s:
+        s.log_event(None, "note", "resumed")
+    assert [e["message"] for e in load_run(folder).events()][-1] == "resumed"
+    assert (folder / st.LOCK_NAME).read_text() == ""  # no stale holder details after a clean close
+
+
+def test_second_writer_in_the_same_process_is_refused(tmp_path):
+    with RunStore(tmp_path / "run", settings={"every": 10}):
+        with pytest.raises(st.RunLockedError, match="in this same process.*close"):
+            RunStore(tmp_path / "run", settings={"every": 10})
+    with RunStore(tmp_path / "run", settings={"every": 10}):  # free again once closed
+        pass
+
+
+def test_creation_race_has_one_writer_and_a_whole_store(tmp_path):
+    folder, go, procs = _holders(tmp_path, 4, hold=5)
+    for p in procs:  # every process has imported and waits: they start the creation together
+        assert p.stdout.readline().strip() == "ready"
+    go.touch()
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=60)
+        outs.append((p.returncode, out, err))
+    codes = sorted(code for code, _, _ in outs)
+    assert codes == [0, 3, 3, 3], outs
+    for code, out, err in outs:
+        if code == 3:
+            assert out.startswith("locked run folder") and "already being written by pid" in out, out
+        assert "NotARunError" not in err and "Traceback" not in err, err
+    run = load_run(folder)
+    assert run.settings == {"every": 10} and run.meta["recipes"] == ["sgd"]
+    assert sum(e["message"] == "hello" for e in run.events()) == codes.count(0)
+
+
+def test_a_store_whose_creator_died_before_its_first_commit_is_created_afresh(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    sqlite3.connect(str(folder / st.DB_NAME)).close()  # an empty database file, no tables
+    with RunStore(folder, settings={"every": 10}):
+        pass
+    assert load_run(folder).settings == {"every": 10}

@@ -117,6 +117,17 @@ class LandscapeCallback(pl.Callback):
         self.probe: Probe | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._loss: float | None = None
+        self._restored: dict[str, Any] | None = None
+
+    # Lightning saves a callback's state_dict() in every checkpoint and hands it back on
+    # trainer.fit(..., ckpt_path=...): the probe resumes at that checkpoint's step, on its trajectory.
+    def state_dict(self) -> dict[str, Any]:
+        if self.probe is None or self.probe.disabled is not None or self.probe._pseudo is None:
+            return {}
+        return {"probe": self.probe.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = state_dict.get("probe") if state_dict else None
 
     def _optimizer_of(self, trainer: pl.Trainer) -> torch.optim.Optimizer:
         opts = trainer.optimizers
@@ -142,6 +153,8 @@ class LandscapeCallback(pl.Callback):
         source = self.probe_batch if self.probe_batch is not None else batch
         probe_batch = copy_batch(source, pl_module.device)
         self.probe = Probe(pl_module, self.loss_fn, probe_batch, self.out, every=self.every, meta=meta, **kwargs)
+        if self._restored is not None:
+            self.probe.load_state_dict(self._restored)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         if self.probe is not None:  # summed over accumulated micro-batches (Lightning scales each one)

@@ -39,7 +39,10 @@ except ImportError:  # pragma: no cover - depends on the installed extras
 from landscape.integrations import copy_batch
 from landscape.probe import Probe
 
-__all__ = ["LandscapeCallback", "model_loss"]
+__all__ = ["PROBE_STATE_FILE", "LandscapeCallback", "model_loss"]
+
+#: The probe's state, saved in each ``checkpoint-<step>/`` folder the Trainer writes.
+PROBE_STATE_FILE = "landscape_probe.pt"
 
 
 def model_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
@@ -129,6 +132,10 @@ class LandscapeCallback(TrainerCallback):
                 **dict(probe_kwargs.pop("meta", None) or {})}
         self.probe = Probe(model, self.loss_fn, copy_batch(source, device), self.out, every=self.every, meta=meta,
                            **probe_kwargs)
+        if state.global_step:  # resumed from checkpoint-<step>: the probe's state saved there by on_save
+            saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / PROBE_STATE_FILE
+            if saved.is_file():
+                self.probe.load_state_dict(torch.load(saved, weights_only=True, map_location="cpu"))
         self.probe.attach(opt)
         self._hook = model.register_forward_hook(self._record_loss)
 
@@ -148,6 +155,19 @@ class LandscapeCallback(TrainerCallback):
         if self.probe is not None and self._losses:
             self.probe.log_loss(sum(self._losses) / len(self._losses))
         self._losses = []
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Keep the probe's state beside the Trainer's own in ``checkpoint-<step>/``, so that
+        ``trainer.train(resume_from_checkpoint=...)`` resumes the probe at that step too."""
+        probe = self.probe
+        if probe is None or probe.disabled is not None or probe._pseudo is None:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir() and probe.step == state.global_step:
+            try:
+                torch.save(probe.state_dict(), folder / PROBE_STATE_FILE)
+            except Exception as e:  # noqa: BLE001 - never stop training for the probe
+                probe._fail("saving the probe state with the checkpoint", e, disable=False)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.close()
