@@ -204,20 +204,13 @@ def _sharpness(
         norms.append(n)
 
     grad: dict[str, Tensor] | None = None
-    if curvature != "hessian":
-        with curvature_operator(objective, curvature, at) as op:
-            loss, grad = op.loss_and_grad()
-            raws = op.quadratic_forms(units)
-        g_corrs = [float(tree.dot(grad, u)) for u in units]
-        used = curvature
-    elif method == "hvp" or (method == "auto" and objective.taylor_support(at) is not None):
-        # Double backward computes the gradient anyway: keep it.
-        def quad(i: int, hv: dict[str, Tensor]) -> float:
-            return float(tree.dot(units[i], hv))
-
-        loss, grad, raws = objective.second_order(units, at, reduce=quad)
-        g_corrs = [float(tree.dot(grad, u)) for u in units]
-        used = "hvp"
+    if curvature != "hessian" or method == "hvp" or (method == "auto" and objective.taylor_support(at) is not None):
+        # A product engine (landscape.linops: the Hessian by double backward, or the Gauss–Newton
+        # matrix); the gradient comes on the way.
+        with curvature_operator(objective, curvature, at) as engine:
+            loss, g_corrs, raws = engine.directional_derivatives(units)
+            grad = engine.loss_and_grad()[1]
+        used = "hvp" if curvature == "hessian" else curvature
     else:
         loss, g_corrs, raws, used = objective.directional_derivatives(units, at, method=method)
         if need_grad:

@@ -14,6 +14,13 @@ Every estimator (:func:`landscape.eigenvalues`, :func:`landscape.hutchinson_trac
 built here. A new product (a Fisher matrix, say) is one new module with a
 :class:`CurvatureOperator` subclass and one line in :data:`CURVATURES`.
 
+Engines of directional sharpness share one small interface, :class:`SecondOrderEngine`: bound to an
+objective and a point, ``directional_derivatives(vs) -> (f(x), [∇f·vᵢ], [vᵢᵀAvᵢ])``. Every operator
+here implements it (the Hessian's is the HVP engine behind ``Objective.second_order``,
+``Objective.hvp(s)`` and ``method="hvp"``); the Taylor sweep (:mod:`landscape.taylor`) computes the same
+for the Hessian without products, and is chosen by ``Objective.directional_derivatives`` with
+``method="auto"`` (its selection and fallback still live there; it can move behind the same interface).
+
 Example:
     >>> import torch, landscape as ls
     >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
@@ -32,7 +39,7 @@ from typing import Any
 
 from torch import Tensor
 
-from landscape.linops._base import Blocks, CurvatureOperator, FlatView, group_names
+from landscape.linops._base import Blocks, CurvatureOperator, FlatView, SecondOrderEngine, group_names
 from landscape.linops.ggn import GGNOperator
 from landscape.linops.hessian import HessianOperator, SavedBytes
 from landscape.linops.preconditioned import PreconditionedOperator
@@ -46,6 +53,7 @@ __all__ = [
     "HessianOperator",
     "PreconditionedOperator",
     "SavedBytes",
+    "SecondOrderEngine",
     "curvature_operator",
     "group_names",
     "operator_of",

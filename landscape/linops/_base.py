@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
 
 from landscape import tree
 
-__all__ = ["Blocks", "CurvatureOperator", "FlatView", "group_names"]
+__all__ = ["Blocks", "CurvatureOperator", "FlatView", "SecondOrderEngine", "group_names"]
 
 #: How parameter names are grouped into blocks: ``"tensor"`` (each parameter tensor), ``"layer"``
 #: (the module owning it: ``blocks.0.fc1.weight`` and ``blocks.0.fc1.bias`` form ``blocks.0.fc1``),
@@ -81,6 +81,21 @@ def group_names(names: Sequence[str], by: Blocks) -> dict[str, tuple[str, ...]]:
             groups.setdefault(str(by(n)), []).append(n)
         return {k: tuple(v) for k, v in groups.items()}
     raise TypeError(f"by must be a string, a mapping or a callable, got {type(by).__name__}")
+
+
+class SecondOrderEngine(Protocol):
+    """The one interface an engine of directional sharpness implements, bound to an objective and a
+    point: the loss, and for each direction ``v`` the first and second directional derivatives
+    ``∇f·v`` and ``vᵀAv``.
+
+    Every :class:`CurvatureOperator` is one (``A`` its matrix: the Hessian, the Gauss–Newton
+    matrix); the Taylor sweep (:mod:`landscape.taylor`, selected by ``Objective.directional_derivatives``
+    with ``method="auto"``) computes the same numbers for the Hessian without products.
+    """
+
+    def directional_derivatives(
+        self, vs: Sequence[Mapping[str, Tensor]]
+    ) -> tuple[float, list[float], list[float]]: ...
 
 
 class CurvatureOperator:
@@ -187,6 +202,21 @@ class CurvatureOperator:
         out = self._quadratic_forms(prepared, block)
         self.n_products += len(prepared)
         return out
+
+    def loss_and_grad(self) -> tuple[float, dict[str, Tensor]]:
+        """``(f(x), ∇f(x))`` (engines compute them on the way to their first product)."""
+        raise NotImplementedError
+
+    def directional_derivatives(
+        self, vs: Sequence[Mapping[str, Tensor]]
+    ) -> tuple[float, list[float], list[float]]:
+        """``(f(x), [∇f·vᵢ], [vᵢᵀAvᵢ])``: the :class:`SecondOrderEngine` interface (directions used as
+        given, not normalised). The quadratic forms come first, so that with micro-batches the graphs
+        they build also give the loss and the gradient."""
+        seconds = self.quadratic_forms(vs)
+        loss, grad = self.loss_and_grad()
+        firsts = [_dot(grad, v, self.names) for v in vs]
+        return loss, firsts, seconds
 
     def flat(self, names: Iterable[str] | None = None) -> FlatView:
         """The operator (or a diagonal block of it) on flat 1-D tensors, for the Krylov solvers."""

@@ -18,15 +18,15 @@ call instead of keeping one per micro-batch, since micro-batches exist to bound 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from landscape.linops._base import CurvatureOperator
+from landscape.linops._base import CurvatureOperator, _dot
 
-__all__ = ["HessianOperator", "SavedBytes"]
+__all__ = ["HessianOperator", "SavedBytes", "second_order"]
 
 
 class SavedBytes:
@@ -177,5 +177,52 @@ class HessianOperator(CurvatureOperator):
                     acc[n] = torch.zeros_like(self.point[n])
         return out
 
+    def _quadratic_forms(self, vs: list[dict[str, Tensor]], names: tuple[str, ...]) -> list[float]:
+        if not self.keep:  # each micro-batch's graph is built once for all the vectors
+            return super()._quadratic_forms(vs, names)
+        out = []
+        for v in vs:  # one product alive at a time: memory of one vector, not K
+            out.append(_dot(v, self._products([v], names)[0], names))
+        return out
+
     def _release(self) -> None:
         self._graphs = None
+
+
+def second_order(
+    objective: Any,
+    vs: Sequence[Mapping[str, Tensor]],
+    at: Mapping[str, Tensor] | None = None,
+    reduce: Callable[[int, dict[str, Tensor]], Any] | None = None,
+) -> tuple[float, dict[str, Tensor], list[Any]]:
+    """Loss, gradient and Hessian-vector products ``H·vᵢ`` at one point, sharing one ``create_graph``
+    gradient per micro-batch (the engine behind :meth:`landscape.Objective.second_order`).
+
+    Args:
+        objective: the measured function.
+        vs: the vectors, each keyed like ``objective.names``.
+        at: the point (default: current parameters).
+        reduce: optional ``reduce(i, Hvᵢ) -> value`` applied to each (full, all micro-batches) product;
+            its results are returned instead of the products. With a single micro-batch each product is
+            reduced as soon as it is computed and not kept, which saves memory.
+
+    Returns:
+        ``(loss, grad, results)``.
+    """
+    single = len(objective.batches) == 1
+    with HessianOperator(objective, at, graph="keep" if single else "rebuild") as op:
+        if single:
+            results = []
+            for i, v in enumerate(vs):
+                hv = op.matvecs([v])[0]  # one graph for all: built by the first product, kept
+                results.append(reduce(i, hv) if reduce is not None else hv)
+                del hv
+            if not vs:
+                op.loss_and_grad()
+        else:  # the vectors share each micro-batch's graph, rebuilt once for this call
+            hvs = op.matvecs(list(vs)) if vs else []
+            if not vs:
+                op.loss_and_grad()
+            results = [reduce(i, hv) if reduce is not None else hv for i, hv in enumerate(hvs)]
+        loss, grad = op.loss_and_grad()
+    return loss, grad, results
