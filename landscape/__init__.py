@@ -27,6 +27,7 @@ from landscape.curvature import (
     loss_along,
     top_eigenvalues,
 )
+from landscape.curvature_measure import CurvatureSettings
 from landscape.density import SpectralDensity, spectral_density
 from landscape.eigen import Eigenpairs, eigenvalues
 from landscape.layerwise import LayerSharpness, sharpness_by_layer
@@ -137,6 +138,7 @@ __all__ = [
     # runs
     "Probe",
     "MeasureSettings",
+    "CurvatureSettings",
     "measure_step",
     "RunStore",
     "Run",
