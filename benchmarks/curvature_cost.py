@@ -310,7 +310,8 @@ def graph_memory(case: dict[str, Any]) -> tuple[float, float]:
     return gb / 2**20, pb / 2**20
 
 
-def run_case(case: dict[str, Any], have: dict[str, bool], repeats: int, trace_n: int) -> list[list[str]]:
+def run_case(case: dict[str, Any], have: dict[str, bool], repeats: int, trace_n: int, quick: bool = False
+             ) -> list[list[str]]:
     with sdpa_kernel(SDPBackend.MATH):
         torch.backends.mha.set_fastpath_enabled(False)
         fb = fwd_bwd_time(case)
@@ -335,6 +336,10 @@ def run_case(case: dict[str, Any], have: dict[str, bool], repeats: int, trace_n:
             chosen["PyHessian power iteration"] = "default tol=1e-3"
             grids = {"PyHessian, tol for 1e-3": (lambda c, tol: pyhessian_eig(c, tol), [1e-3, 1e-4, 1e-5, 1e-6]),
                      **grids}
+        if quick:  # no search (a large model): each tool's usual setting for three digits
+            grids = {k: (fn, [{"landscape": (1e-3, "residual"), "curvlinops + eigsh": (1e-3, 20),
+                               "hessian-eigenthings Lanczos": 20}.get(k, grid[0])])
+                     for k, (fn, grid) in grids.items() if k != "PyHessian, tol for 1e-3"}
         for name, (fn, grid) in grids.items():
             best = None
             for cfg in grid:
@@ -419,8 +424,8 @@ def main() -> None:
         cases.append(minilm_case)
     for make in cases:
         case = make()
-        run_case(case, have, args.repeats if make is not minilm_case else 1,
-                 args.trace if make is not minilm_case else min(args.trace, 20))
+        big = make is minilm_case
+        run_case(case, have, 1 if big else args.repeats, min(args.trace, 20) if big else args.trace, quick=big)
     print("\nratio = tool's time / landscape's (median of interleaved repeats, one process): > 1 is slower than "
           "landscape.\nSettings: each tool's cheapest (of a grid: landscape's tol and criterion; eigsh's tol and ncv; "
           "hessian-eigenthings' "

@@ -48,6 +48,8 @@ class MeasureSettings:
             (0: off).
         robust_every: robust smoothness every this many measurements (0: off; it costs ~100 HVPs).
         robust_samples: Rademacher vectors for the Hessian row norms.
+        robust_curvature: the matrix of the robust smoothness: ``"hessian"`` (default) or ``"ggn"``, the
+            Gauss–Newton matrix seed 002 App. D uses (then its spectral norm, as there).
         seed: seeds the coordinate samples and robust-smoothness probes.
         method: the sharpness engine: ``"auto"`` (the Taylor sweep where the loss supports it, else
             Hessian-vector products), ``"taylor"`` or ``"hvp"`` (see :func:`~landscape.directional_sharpness`).
@@ -74,6 +76,7 @@ class MeasureSettings:
     extra: dict[str, Any] = field(default_factory=dict)
     method: str = "auto"
     curvature: CurvatureSettings | None = None
+    robust_curvature: str = "hessian"
 
     def __post_init__(self) -> None:
         from landscape.curvature import SHIFT_POLICIES, _check_delta
@@ -83,6 +86,8 @@ class MeasureSettings:
         _check_delta(self.delta)
         if self.method not in ("auto", "taylor", "hvp"):
             raise ValueError(f"method must be 'auto', 'taylor' or 'hvp', got {self.method!r}")
+        if self.robust_curvature not in ("hessian", "ggn"):
+            raise ValueError(f"robust_curvature must be 'hessian' or 'ggn', got {self.robust_curvature!r}")
         if self.curvature is not None and not isinstance(self.curvature, CurvatureSettings):
             raise TypeError(f"curvature must be a CurvatureSettings or None, got {type(self.curvature).__name__}")
 
@@ -92,6 +97,8 @@ class MeasureSettings:
         d.pop("method")  # how, not what: a run may resume with the other engine
         if d.get("curvature") is None:
             d.pop("curvature")  # absent, so that runs recorded before it existed still resume
+        if d.get("robust_curvature") == "hessian":
+            d.pop("robust_curvature")  # likewise
         return d
 
 
@@ -321,10 +328,14 @@ def measure_step(
         timings["smoothness"] = time.perf_counter() - t0
     if st.robust_every and measurement_index % st.robust_every == 0:
         t0 = time.perf_counter()
-        rb = sm.robust_smoothness(objective, at=x_t, n_samples=st.robust_samples, seed=st.seed)
+        # seed 002 App. D measures the spectral norm of the Gauss–Newton matrix (its top eigenvalue: PSD)
+        rb = sm.robust_smoothness(objective, at=x_t, n_samples=st.robust_samples, seed=st.seed,
+                                  curvature=st.robust_curvature,
+                                  spectrum="norm" if st.robust_curvature == "ggn" else "top")
         rows["robust"] = [
             {
                 "step": step,
+                "curvature": st.robust_curvature,
                 "top_eig": rb.top_eig,
                 "l_robust": rb.l_robust,
                 "ratio": rb.ratio,

@@ -464,6 +464,8 @@ _TABLE_LIST: tuple[Table, ...] = (
             _c("eps", "REAL", "fraction of coordinates removed"),
             _c("n_removed", "INTEGER", "number of coordinates removed"),
             _c("n_samples", "INTEGER", "random sign vectors used to estimate the row norms"),
+            _c("curvature", "TEXT", "the matrix: `hessian`, or `ggn` (the Gauss–Newton matrix of App. D); "
+                                    "missing (runs before it was recorded): `hessian`", nullable=True),
         ),
         ("step",),
         "Robust smoothness (seed 002 App. D, Table 8).",

@@ -117,8 +117,21 @@ def test_probe_records_curvature_at_its_cadence_and_plots_and_reports_it(tmp_pat
     assert r"$\lambda_{\max}(P^{-1}H)$" in tex and "λ" not in tex
 
 
+def test_robust_smoothness_on_the_gauss_newton_matrix_as_seed_002_app_d(tmp_path):
+    st = ls.MeasureSettings(robust_every=1, robust_samples=4, robust_curvature="ggn", **FAST)
+    model, batch, run, snaps = _train(tmp_path, st, steps=1)
+    (row,) = run.rows("robust")
+    obj = ls.Objective(model, classification_loss, batch)
+    ref = ls.robust_smoothness(obj, at=snaps[1], n_samples=4, curvature="ggn", spectrum="norm")
+    assert row["curvature"] == "ggn" and row["top_eig"] == pytest.approx(ref.top_eig, rel=1e-6)
+    assert st.as_dict()["robust_curvature"] == "ggn"
+    with pytest.raises(ValueError, match="robust_curvature"):
+        ls.MeasureSettings(robust_curvature="fisher")
+
+
 def test_off_by_default_and_old_runs_still_resume(tmp_path):
     assert "curvature" not in ls.MeasureSettings().as_dict()
+    assert "robust_curvature" not in ls.MeasureSettings().as_dict()
     _, _, run, _ = _train(tmp_path, ls.MeasureSettings(**FAST), steps=2)
     assert not run.has("eigenvalues")
     with pytest.raises(NoDataError, match="CurvatureSettings"):
