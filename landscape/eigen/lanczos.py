@@ -12,9 +12,10 @@ read off for free at every step. Each Ritz value lies within its residual of an 
 ``tol·‖A‖`` (and, for an eigenvalue separated by a gap δ, by ``tol²‖A‖²/δ``: far smaller). The
 largest and the most negative eigenvalues converge from the same basis, so one call gives both.
 
-The basis is kept (full re-orthogonalisation, classical Gram–Schmidt twice, against the loss of
-orthogonality that otherwise produces spurious copies of converged eigenvalues): memory is
-``(steps + 1) · d`` numbers in the parameters' dtype. When the Krylov space becomes invariant
+The basis is kept (full re-orthogonalisation, classical Gram–Schmidt with a second pass where the
+first cancelled, against the loss of orthogonality that otherwise produces spurious copies of
+converged eigenvalues): memory is ``(steps + 1) · d`` numbers in the parameters' dtype. For the top
+eigenvalue alone of a large model it is not (three vectors), see :func:`eigenvalues`. When the Krylov space becomes invariant
 (``β ≈ 0``: an exactly repeated or isolated eigenvalue) the recurrence restarts from a fresh random
 vector orthogonal to the basis, so repeated eigenvalues are found with their multiplicity.
 
@@ -38,6 +39,10 @@ from torch import Tensor
 from landscape.linops import Blocks, FlatView, group_names, operator_of
 
 __all__ = ["DEFAULT_TOL", "Eigenpairs", "LanczosRun", "eigenvalues", "lanczos"]
+
+#: Below this many coordinates the Lanczos basis is always kept (cheap); above it, only when more than
+#: one eigenvalue (or an eigenvector) is asked for.
+_SMALL = 200_000
 
 #: Default relative residual: ``‖Av − λv‖ ≤ 1e-4·‖A‖``, four significant digits of the top
 #: eigenvalue, more than the curves of Cohen et al. (2021, sharpness against 2/η) or seed 002's
@@ -72,22 +77,24 @@ class _Basis:
         self.buf = torch.empty((max(cap, 1), n), dtype=dtype, device=device)
         self.m = 0
 
-    def append(self, q: Tensor) -> None:
+    def append(self, q: Tensor) -> Tensor:
+        """Store ``q``; returns the stored row (a view: use it in place of ``q``)."""
         if self.m == self.buf.shape[0]:
             new = torch.empty((2 * self.m, self.buf.shape[1]), dtype=self.buf.dtype, device=self.buf.device)
             new[: self.m] = self.buf
             self.buf = new
         self.buf[self.m] = q
         self.m += 1
+        return self.buf[self.m - 1]
 
     @property
     def q(self) -> Tensor:
         return self.buf[: self.m]
 
-    def orthogonalize(self, w: Tensor) -> Tensor:
+    def orthogonalize_(self, w: Tensor) -> Tensor:
+        """``w ← (I − QQᵀ) w`` in place (one classical Gram–Schmidt pass: two passes over the basis)."""
         q = self.q
-        for _ in range(2):  # "twice is enough" (Kahan, Parlett)
-            w = w - q.T @ (q @ w)
+        w.addmv_(q.T, q @ w, alpha=-1.0)
         return w
 
 
@@ -123,30 +130,38 @@ def lanczos(
         progress: ``progress(step, steps)``.
     """
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    draw_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float64
 
     def draw() -> Tensor:
-        return torch.randn(n, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+        return torch.randn(n, generator=gen, dtype=draw_dtype).to(dtype=dtype, device=device)
 
     q = (v0.to(dtype=dtype, device=device) if v0 is not None else draw()).clone()
-    q = q / q.norm()
+    q.div_(q.norm())
     basis = _Basis(n, dtype, torch.device(device), min(steps, 32) + 1) if reorthogonalize else None
     if basis is not None:
-        basis.append(q)
+        q = basis.append(q)
     run = LanczosRun([], [], None, 0, math.inf)
     prev: Tensor | None = None
     prev_beta = 0.0
     scale = 0.0
     for j in range(steps):
         w = matvec(q)
+        if w.data_ptr() in (q.data_ptr(), prev.data_ptr() if prev is not None else -1):
+            w = w.clone()  # the updates below are in place
         run.n_products += 1
         a = float(torch.dot(w, q))
         run.alpha.append(a)
-        w = w - a * q
+        w.add_(q, alpha=-a)  # the three-term recurrence ...
         if prev is not None and prev_beta:
-            w = w - prev_beta * prev
-        if basis is not None:
-            w = basis.orthogonalize(w)
+            w.add_(prev, alpha=-prev_beta)
         b = float(w.norm())
+        if basis is not None:  # ... then full re-orthogonalisation, a second pass when it cancelled
+            for _ in range(2):  # (Daniel, Gragg, Kaufman & Stewart 1976)
+                before = b
+                basis.orthogonalize_(w)
+                b = float(w.norm())
+                if b > 0.717 * before:
+                    break
         scale = max(scale, abs(a) + b + prev_beta)
         run.last_beta = b
         if progress is not None:
@@ -159,20 +174,19 @@ def lanczos(
             # An invariant subspace: restart from a fresh vector orthogonal to the basis.
             if basis is None or not restart:
                 break
-            w = basis.orthogonalize(draw())
+            w = basis.orthogonalize_(basis.orthogonalize_(draw()))
             nw = float(w.norm())
             if nw <= 1e-10 * math.sqrt(n):
                 break
             run.beta.append(0.0)
             run.restarts += 1
             prev, prev_beta = None, 0.0
-            q = w / nw
+            w.div_(nw)
         else:
             run.beta.append(b)
             prev, prev_beta = q, b
-            q = w / b
-        if basis is not None:
-            basis.append(q)
+            w.div_(b)
+        q = basis.append(w) if basis is not None else w
     if basis is not None:
         run.basis = basis.q[: len(run.alpha)]
     return run
@@ -239,6 +253,7 @@ def _error_estimates(theta: np.ndarray, res: np.ndarray, criterion: str) -> np.n
 def _solve(
     view: FlatView, block: str, curvature: str, k: int, bottom: int, *, tol: float, max_iter: int | None, seed: int,
     vectors: bool, verify: bool, progress: Callable[[int, int], None] | None, criterion: str = "residual",
+    reorthogonalize: bool | None = None,
 ) -> Eigenpairs:
     n = view.n
     if k > n or bottom > n:
@@ -257,8 +272,11 @@ def _solve(
         return bool(ok[m - k:].all() and ok[:bottom].all())
 
     gen = torch.Generator().manual_seed(int(seed))
+    if reorthogonalize is None:  # the basis costs (steps)·d memory and two passes over it per step
+        reorthogonalize = k + bottom > 1 or n <= _SMALL
+    reorthogonalize = reorthogonalize or vectors or verify
     run = lanczos(view.mv, n, steps=steps, dtype=view.dtype, device=view.device, generator=gen,
-                  reorthogonalize=True, converged=check, progress=progress)
+                  reorthogonalize=reorthogonalize, converged=check, progress=progress)
     theta, s = run.ritz()
     m = theta.size
     res = abs(run.last_beta) * np.abs(s[-1, :])
@@ -313,6 +331,7 @@ def eigenvalues(
     return_vectors: bool = False,
     verify: bool = False,
     criterion: str = "residual",
+    reorthogonalize: bool | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Eigenpairs | dict[str, Eigenpairs]:
     """The ``k`` largest and the ``bottom`` most negative eigenvalues of a curvature matrix, by
@@ -345,6 +364,11 @@ def eigenvalues(
             residual. It stops much earlier for an eigenvalue with a clear gap (the error of a Ritz
             value falls as the square of its residual), but it is an estimate: an eigenvalue not yet
             seen by Lanczos may sit closer than δ̂. The residuals are reported either way.
+        reorthogonalize: keep the Lanczos basis and re-orthogonalise against it (memory: steps × d;
+            time: two passes over it per step). ``None`` (default): kept when more than one eigenvalue
+            or the eigenvectors are asked for, or below 200,000 coordinates; for the top eigenvalue
+            alone of a large model, the plain three-term recurrence (three vectors) is accurate up to
+            convergence (Paige 1976: orthogonality is lost only along converged Ritz vectors).
         progress: ``progress(block, step, max_steps)``.
 
     Returns:
@@ -368,5 +392,6 @@ def eigenvalues(
         for block, names in blocks.items():
             prog = None if progress is None else (lambda i, m, block=block: progress(block, i, m))
             out[block] = _solve(op.flat(names), block, op.curvature, k, bottom, tol=tol, max_iter=max_iter, seed=seed,
-                                vectors=return_vectors, verify=verify, progress=prog, criterion=criterion)
+                                vectors=return_vectors, verify=verify, progress=prog, criterion=criterion,
+                                reorthogonalize=reorthogonalize)
     return out["all"] if by is None else out
