@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from landscape._version import __version__
 
 if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and IDEs
-    from landscape import optim, planes, references, smoothness, tree
+    from landscape import linops, optim, planes, references, smoothness, tree
     from landscape.curvature import (
         Sharpness,
         TraceEstimate,
@@ -37,6 +37,18 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
         hvp,
         loss_along,
         top_eigenvalues,
+    )
+    from landscape.curvature_measure import CurvatureSettings
+    from landscape.density import SpectralDensity, spectral_density
+    from landscape.eigen import Eigenpairs, eigenvalues
+    from landscape.layerwise import LayerSharpness, sharpness_by_layer
+    from landscape.linops import (
+        CURVATURES,
+        CurvatureOperator,
+        GGNOperator,
+        HessianOperator,
+        PreconditionedOperator,
+        curvature_operator,
     )
     from landscape.measure import MeasureSettings, measure_step
     from landscape.objective import DeterminismError, MicroBatches, NonFiniteError, Objective
@@ -68,13 +80,24 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
         local_smoothness,
         robust_smoothness,
     )
+    from landscape.stability import adam_preconditioner, preconditioned_sharpness, stability_threshold
     from landscape.store import Run, RunLockedError, RunMismatchError, RunStore, load_run
+    from landscape.trace import hutchinson_trace, hutchpp_trace
 
 #: Where each public name lives: ``{name: module}`` (a module itself when the name is a submodule).
 _LAZY: dict[str, str] = {
     **{n: "landscape.curvature" for n in (
         "Sharpness", "TraceEstimate", "directional_sharpness", "hessian_trace", "hvp", "loss_along",
         "top_eigenvalues")},
+    "CurvatureSettings": "landscape.curvature_measure",
+    **{n: "landscape.density" for n in ("SpectralDensity", "spectral_density")},
+    **{n: "landscape.eigen" for n in ("Eigenpairs", "eigenvalues")},
+    **{n: "landscape.layerwise" for n in ("LayerSharpness", "sharpness_by_layer")},
+    **{n: "landscape.linops" for n in (
+        "CURVATURES", "CurvatureOperator", "GGNOperator", "HessianOperator", "PreconditionedOperator",
+        "curvature_operator")},
+    **{n: "landscape.stability" for n in ("adam_preconditioner", "preconditioned_sharpness", "stability_threshold")},
+    **{n: "landscape.trace" for n in ("hutchinson_trace", "hutchpp_trace")},
     **{n: "landscape.measure" for n in ("MeasureSettings", "measure_step")},
     **{n: "landscape.objective" for n in ("DeterminismError", "MicroBatches", "NonFiniteError", "Objective")},
     "PseudoUpdates": "landscape.optim",
@@ -88,7 +111,7 @@ _LAZY: dict[str, str] = {
         "fit_l0_l1", "fit_per_layer", "local_smoothness", "robust_smoothness")},
     **{n: "landscape.store" for n in ("Run", "RunLockedError", "RunMismatchError", "RunStore", "load_run")},
 }
-_SUBMODULES = ("optim", "planes", "references", "smoothness", "tree")
+_SUBMODULES = ("linops", "optim", "planes", "references", "smoothness", "tree")
 
 __all__ = [
     "__version__",
@@ -105,6 +128,26 @@ __all__ = [
     "top_eigenvalues",
     "hessian_trace",
     "TraceEstimate",
+    # curvature matrices as operators (Hessian, Gauss–Newton) and their spectra
+    "linops",
+    "CURVATURES",
+    "curvature_operator",
+    "CurvatureOperator",
+    "HessianOperator",
+    "GGNOperator",
+    "PreconditionedOperator",
+    "eigenvalues",
+    "Eigenpairs",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "spectral_density",
+    "SpectralDensity",
+    "sharpness_by_layer",
+    "LayerSharpness",
+    # edge of stability
+    "preconditioned_sharpness",
+    "adam_preconditioner",
+    "stability_threshold",
     # smoothness
     "smoothness",
     "local_smoothness",
@@ -136,6 +179,7 @@ __all__ = [
     # runs
     "Probe",
     "MeasureSettings",
+    "CurvatureSettings",
     "measure_step",
     "RunStore",
     "Run",

@@ -597,6 +597,21 @@ def _phases(progress: ProgressFn, k: int, total: int, step: int) -> Callable[[in
             progress(k, total, f"measuring {count} directions at step {step}{detail}")
         return tell
     return for_count
+def _preconditioners(pseudo: PseudoUpdates, st: MeasureSettings, index: int, names: list[str]
+                     ) -> dict[str, dict[str, Tensor]] | None:
+    """``P`` of the Adam-family recipes asked for, when the preconditioned sharpness is due."""
+    cs = st.curvature
+    if cs is None or not cs.due("precond", index):
+        return None
+    out = {}
+    for recipe in cs.precond_recipes:
+        if recipe in pseudo.names:
+            try:
+                P = pseudo.preconditioner(recipe)
+            except ValueError:
+                continue
+            out[recipe] = {n: P[n] for n in names}
+    return out or None
 
 
 def _measure(
@@ -623,7 +638,8 @@ def _measure(
             x_next = None
     try:
         rows = measure_step(objective, step, x_k, dirs, x_next=x_next, settings=st, measurement_index=index,
-                            progress=phases(len(dirs)) if phases is not None else None)
+                            progress=phases(len(dirs)) if phases is not None else None,
+                            preconditioners=_preconditioners(pseudo, st, index, names))
     except NonFiniteError as e:
         reason = f"{type(e).__name__}: {e}"
         result.failed[step] = reason
@@ -633,6 +649,8 @@ def _measure(
     rows.pop("_grad", None)
     rows.pop("_timings", None)
     engine = rows.pop("_engine")[0]
+    for event in rows.pop("_events", []):
+        store.log_event(step, "warning", event["message"])
     with store.transaction():
         if engine["engine"] != result.engine:  # an event when the engine is first chosen, or changes
             store.log_event(step, "engine", engine["message"])

@@ -588,6 +588,16 @@ def analyze(
     threads: ThreadsOpt = "auto",
     fmt: Annotated[TextFormat, typer.Option(
         "--format", "-f", help="text: a one-line summary; json: what was measured, skipped and failed.")] = "text",
+    curvature_every: Annotated[int, typer.Option(
+        "--curvature-every", min=0,
+        help="Every this many measured checkpoints (0: off) also measure the curvature: the largest and most "
+             "negative Hessian eigenvalues with residuals (whole model and per layer), a Hutch++ trace with its "
+             "standard error, the SLQ spectral density, the preconditioned sharpness of the adam recipe, and where "
+             "each direction's sharpness lives layer by layer (tables eigenvalues, trace, density, preconditioned, "
+             "sharpness_layers). A few hundred Hessian-vector products per checkpoint.")] = 0,
+    ggn: Annotated[bool, typer.Option(
+        "--ggn", help="With --curvature-every: the same on the Gauss–Newton matrix Jᵀ H_ℓ J too (the loss split "
+                      "at the model's output).")] = False,
 ) -> None:
     """Measure saved checkpoints as the probe measures a live run.
 
@@ -636,7 +646,7 @@ def analyze(
             spec, checkpoints, out, every=every, order=CheckpointOrder(order).value,
             recipes=list(recipe) if recipe else None,
             mode=MeasureMode(mode).value, grad_batches=grad_batches, trust=trust_checkpoints, progress=progress,
-            settings=MeasureSettings(method=SharpnessEngine(engine).value),
+            settings=MeasureSettings(method=SharpnessEngine(engine).value, curvature=_curvature_settings(curvature_every, ggn)),
         )
     except (SpecError, CheckpointError) as e:
         raise CLIError(str(e)) from None
@@ -652,6 +662,18 @@ def analyze(
                + (f", {len(result.already)} already measured" if result.already else "")
                + (f", {len(result.failed)} failed (see the run's events)" if result.failed else "")
                + f": {out}")
+
+
+def _curvature_settings(every: int, ggn: bool) -> Any:
+    """The curvature measurements of ``--curvature-every`` (``None`` when off)."""
+    if ggn and not every:
+        raise CLIError("--ggn needs --curvature-every N (N ≥ 1)")
+    if not every:
+        return None
+    from landscape.curvature_measure import CurvatureSettings
+
+    return CurvatureSettings(curvatures=("hessian", "ggn") if ggn else ("hessian",), eig_every=every, eig_by="layer",
+                             trace_every=every, density_every=every, precond_every=every, layers_every=every)
 
 
 def main() -> None:

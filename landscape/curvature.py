@@ -30,7 +30,10 @@ import torch
 from torch import Tensor
 
 from landscape import tree
+from landscape.eigen.lanczos import DEFAULT_TOL, eigenvalues
+from landscape.linops import curvature_operator
 from landscape.objective import Objective
+from landscape.trace import TraceEstimate, hutchinson_trace
 
 __all__ = [
     "SHIFT_POLICIES",
@@ -118,6 +121,7 @@ def directional_sharpness(
     shift: str = "negative",
     delta: float = 0.01,
     method: str = "auto",
+    curvature: str = "hessian",
 ) -> dict[str, Sharpness]:
     """Directional sharpness ``ûᵀ∇²f(x)û`` of K named directions, measured together.
 
@@ -141,11 +145,15 @@ def directional_sharpness(
         delta: δ of the shift, a distance ≥ 0 in parameter space (seed 002, Appendix B.3, Eq. 4:
             0.01). The shifted point is ``x − δû``, on the side the step ``x − η·u`` moves to.
         method: ``"auto"``, ``"taylor"`` or ``"hvp"`` (see above).
+        curvature: ``"hessian"`` (default) or ``"ggn"``: ``ûᵀGû`` of the Gauss–Newton matrix
+            ``G = Jᵀ H_ℓ J`` (:mod:`landscape.linops.ggn`, computed as ``(Jû)ᵀ H_ℓ (Jû)``; ``method``
+            is then ignored). The shifted value uses the same matrix at ``x − δû``.
 
     Returns:
         ``{name: Sharpness}`` in the order given.
     """
-    return _sharpness(objective, directions, at=at, shift=shift, delta=delta, method=method, need_grad=False)[0]
+    return _sharpness(objective, directions, at=at, shift=shift, delta=delta, method=method, need_grad=False,
+                      curvature=curvature)[0]
 
 
 def sharpness_and_gradient(
@@ -156,10 +164,12 @@ def sharpness_and_gradient(
     shift: str = "negative",
     delta: float = 0.01,
     method: str = "auto",
+    curvature: str = "hessian",
 ) -> tuple[dict[str, Sharpness], float, dict[str, Tensor]]:
     """:func:`directional_sharpness`, also returning the loss and the gradient at ``at`` (computed on the
     way by the HVP method, with one forward+backward by the Taylor method)."""
-    out, loss, grad = _sharpness(objective, directions, at=at, shift=shift, delta=delta, method=method, need_grad=True)
+    out, loss, grad = _sharpness(objective, directions, at=at, shift=shift, delta=delta, method=method, need_grad=True,
+                                 curvature=curvature)
     assert grad is not None
     return out, loss, grad
 
@@ -173,6 +183,7 @@ def _sharpness(
     delta: float,
     method: str,
     need_grad: bool,
+    curvature: str = "hessian",
 ) -> tuple[dict[str, Sharpness], float, dict[str, Tensor] | None]:
     if shift not in SHIFT_POLICIES:
         raise ValueError(f"shift must be one of {SHIFT_POLICIES}, got {shift!r}")
@@ -193,14 +204,13 @@ def _sharpness(
         norms.append(n)
 
     grad: dict[str, Tensor] | None = None
-    if method == "hvp" or (method == "auto" and objective.taylor_support(at) is not None):
-        # Double backward computes the gradient anyway: keep it.
-        def quad(i: int, hv: dict[str, Tensor]) -> float:
-            return float(tree.dot(units[i], hv))
-
-        loss, grad, raws = objective.second_order(units, at, reduce=quad)
-        g_corrs = [float(tree.dot(grad, u)) for u in units]
-        used = "hvp"
+    if curvature != "hessian" or method == "hvp" or (method == "auto" and objective.taylor_support(at) is not None):
+        # A product engine (landscape.linops: the Hessian by double backward, or the Gauss–Newton
+        # matrix); the gradient comes on the way.
+        with curvature_operator(objective, curvature, at) as engine:
+            loss, g_corrs, raws = engine.directional_derivatives(units)
+            grad = engine.loss_and_grad()[1]
+        used = "hvp" if curvature == "hessian" else curvature
     else:
         loss, g_corrs, raws, used = objective.directional_derivatives(units, at, method=method)
         if need_grad:
@@ -227,8 +237,12 @@ def _sharpness(
         if shift == "always" or (shift == "negative" and raw < 0):
             # Toward the step x − η·u (seed 002 App. B.3): x − δû.
             shifted_at = tree.axpy(-delta, {n: units[i][n].to(point[n].dtype) for n in objective.names}, point)
-            _, _, (shifted_value,), _ = objective.directional_derivatives([units[i]], shifted_at, method=used)
-            shifted_value = float(shifted_value)
+            if curvature != "hessian":
+                with curvature_operator(objective, curvature, shifted_at) as op:
+                    shifted_value = float(op.quadratic_forms([units[i]])[0])
+            else:
+                _, _, (shifted_value,), _ = objective.directional_derivatives([units[i]], shifted_at, method=used)
+                shifted_value = float(shifted_value)
         use_shift = shifted_value is not None
         value = shifted_value if use_shift else raw
         best = pred = None
@@ -289,72 +303,40 @@ def loss_along(
     return objective.losses_along(uhat, np.asarray(steps, dtype=np.float64), at)
 
 
-def _flat_operator(objective: Objective, at: Point, counter: list[int] | None = None):
-    point = objective._point(at)
-    like = {n: point[n] for n in objective.names}
-    size = tree.numel(like)
-
-    def matvec(x: np.ndarray) -> np.ndarray:
-        v = tree.unflatten(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).reshape(-1)), like)
-        hv = objective.hvp(v, point)
-        if counter is not None:
-            counter[0] += 1
-        return tree.flatten(hv, objective.names).detach().double().cpu().numpy()
-
-    return size, matvec, point
-
-
 def top_eigenvalues(
     objective: Objective,
     k: int = 1,
     *,
     at: Point = None,
-    tol: float = 1e-4,
+    tol: float = DEFAULT_TOL,
     maxiter: int | None = None,
     seed: int = 0,
     return_vectors: bool = False,
+    curvature: str = "hessian",
 ) -> np.ndarray | tuple[np.ndarray, list[dict[str, Tensor]]]:
     """The ``k`` largest (algebraic, signed) Hessian eigenvalues, by Lanczos.
 
-    Uses ``scipy.sparse.linalg.eigsh(which="LA")`` on a ``LinearOperator`` whose matvec is one
-    Hessian-vector product.
+    A shorthand for :func:`landscape.eigenvalues` (which also gives the most negative eigenvalues,
+    residuals, and per-block spectra): every product reuses one retained ``create_graph`` gradient.
 
     Args:
         objective: the function.
         k: how many eigenvalues.
         at: the point (default: current parameters).
-        tol: relative accuracy asked of Lanczos.
-        maxiter: Lanczos restarts limit (scipy's default when ``None``).
+        tol: stop when every residual ``‖Hv − λv‖ ≤ tol·‖H‖`` (default 1e-4).
+        maxiter: at most this many Lanczos steps (default ``max(100, 10k)``).
         seed: seeds the starting vector.
         return_vectors: also return the eigenvectors as parameter dicts.
+        curvature: ``"hessian"`` or ``"ggn"``.
 
     Returns:
         Eigenvalues in descending order (and eigenvectors if asked for).
     """
-    from scipy.sparse.linalg import LinearOperator, eigsh
-
-    size, matvec, point = _flat_operator(objective, at)
-    if not 1 <= k < size:
-        raise ValueError(f"k must be in [1, {size - 1}] for {size} measured parameters, got {k}")
-    op = LinearOperator((size, size), matvec=matvec, dtype=np.float64)
-    v0 = np.random.default_rng(seed).standard_normal(size)
-    vals, vecs = eigsh(op, k=k, which="LA", tol=tol, maxiter=maxiter, v0=v0)
-    order = np.argsort(vals)[::-1]
-    vals = vals[order]
+    res = eigenvalues(objective, k=k, curvature=curvature, at=at, tol=tol, max_iter=maxiter, seed=seed,
+                      return_vectors=return_vectors)
     if not return_vectors:
-        return vals
-    like = {n: point[n] for n in objective.names}
-    return vals, [tree.unflatten(torch.from_numpy(vecs[:, j].copy()), like) for j in order]
-
-
-@dataclass(frozen=True)
-class TraceEstimate:
-    """Hutchinson estimate of ``tr ∇²f(x)``: ``mean`` ± ``stderr`` over ``n`` Rademacher probes."""
-
-    mean: float
-    stderr: float
-    n: int
-    samples: np.ndarray
+        return res.top
+    return res.top, list(res.top_vectors or [])
 
 
 def hessian_trace(
@@ -365,30 +347,18 @@ def hessian_trace(
     seed: int = 0,
     batch: int = 8,
     progress: Callable[[int, int], None] | None = None,
+    curvature: str = "hessian",
 ) -> TraceEstimate:
-    """Hutchinson's estimator ``tr H ≈ mean zᵀHz`` over ``n`` Rademacher vectors ``z``.
+    """Hutchinson's estimator ``tr H ≈ mean zᵀHz`` over ``n`` Rademacher vectors ``z`` (a shorthand for
+    :func:`landscape.hutchinson_trace`; see :func:`landscape.hutchpp_trace` for Hutch++).
 
     Args:
         objective: the function.
         n: number of probe vectors.
         at: the point (default: current parameters).
         seed: seeds the probe vectors.
-        batch: probes per shared ``create_graph`` gradient.
+        batch: probes per operator call.
         progress: optional ``progress(done, total)`` callback.
+        curvature: ``"hessian"`` or ``"ggn"``.
     """
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
-    gen = torch.Generator().manual_seed(seed)
-    point = objective._point(at)
-    like = {k: point[k] for k in objective.names}
-    samples: list[float] = []
-    while len(samples) < n:
-        m = min(batch, n - len(samples))
-        zs = [tree.rademacher_like(like, gen) for _ in range(m)]
-        _, _, quads = objective.second_order(zs, point, reduce=lambda i, hv, zs=zs: float(tree.dot(zs[i], hv)))
-        samples.extend(quads)
-        if progress is not None:
-            progress(len(samples), n)
-    arr = np.asarray(samples, dtype=np.float64)
-    stderr = float(arr.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-    return TraceEstimate(mean=float(arr.mean()), stderr=stderr, n=n, samples=arr)
+    return hutchinson_trace(objective, n, curvature=curvature, at=at, seed=seed, batch=batch, progress=progress)

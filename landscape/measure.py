@@ -22,6 +22,7 @@ from torch import Tensor
 from landscape import tree
 from landscape._ratio import ratio_to_reference
 from landscape.curvature import sharpness_and_gradient
+from landscape.curvature_measure import CurvatureSettings
 from landscape.objective import Objective
 
 __all__ = ["MeasureSettings", "adaptive_line", "cosine_matrix", "log_histogram", "measure_step", "ratio_to_reference"]
@@ -47,10 +48,15 @@ class MeasureSettings:
             (0: off).
         robust_every: robust smoothness every this many measurements (0: off; it costs ~100 HVPs).
         robust_samples: Rademacher vectors for the Hessian row norms.
+        robust_curvature: the matrix of the robust smoothness: ``"hessian"`` (default) or ``"ggn"``, the
+            Gauss–Newton matrix seed 002 App. D uses (then its spectral norm, as there).
         seed: seeds the coordinate samples and robust-smoothness probes.
         method: the sharpness engine: ``"auto"`` (the Taylor sweep where the loss supports it, else
             Hessian-vector products), ``"taylor"`` or ``"hvp"`` (see :func:`~landscape.directional_sharpness`).
             Not part of a run's settings: both engines measure the same numbers (up to rounding).
+        curvature: eigenvalues, traces, spectral densities, preconditioned sharpness and per-layer
+            sharpness decompositions at their own cadence
+            (:class:`~landscape.curvature_measure.CurvatureSettings`; ``None``, the default: none).
     """
 
     shift: str = "negative"
@@ -69,6 +75,8 @@ class MeasureSettings:
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     method: str = "auto"
+    curvature: CurvatureSettings | None = None
+    robust_curvature: str = "hessian"
 
     def __post_init__(self) -> None:
         from landscape.curvature import SHIFT_POLICIES, _check_delta
@@ -78,11 +86,19 @@ class MeasureSettings:
         _check_delta(self.delta)
         if self.method not in ("auto", "taylor", "hvp"):
             raise ValueError(f"method must be 'auto', 'taylor' or 'hvp', got {self.method!r}")
+        if self.robust_curvature not in ("hessian", "ggn"):
+            raise ValueError(f"robust_curvature must be 'hessian' or 'ggn', got {self.robust_curvature!r}")
+        if self.curvature is not None and not isinstance(self.curvature, CurvatureSettings):
+            raise TypeError(f"curvature must be a CurvatureSettings or None, got {type(self.curvature).__name__}")
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["gammas"] = [float(g) for g in self.gammas]
         d.pop("method")  # how, not what: a run may resume with the other engine
+        if d.get("curvature") is None:
+            d.pop("curvature")  # absent, so that runs recorded before it existed still resume
+        if d.get("robust_curvature") == "hessian":
+            d.pop("robust_curvature")  # likewise
         return d
 
 
@@ -199,6 +215,7 @@ def measure_step(
     reference: str = "sgd",
     measurement_index: int = 0,
     progress: Callable[[str, int, int], None] | None = None,
+    preconditioners: Mapping[str, Mapping[str, Tensor]] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Measure every direction at ``x_t`` and return the store rows, keyed by table.
 
@@ -210,9 +227,13 @@ def measure_step(
         x_next: the next point of the real trajectory (for the smoothness tables).
         settings: what to compute.
         reference: the direction whose sharpness the ratios divide by.
-        measurement_index: counts measurements (for ``robust_every``).
+        measurement_index: counts measurements (for ``robust_every`` and the curvature cadences).
         progress: called as ``progress(phase, done, total)`` while measuring (``"sharpness"``,
             ``"lines"`` per direction, ``"histograms"``, ``"smoothness"``, ``"robust smoothness"``).
+        preconditioners: ``{name: P}`` for the preconditioned sharpness (``settings.curvature``).
+
+    Besides the tables' rows, ``"_events"`` lists ``{"step", "message"}`` of curvature quantities that
+    could not be measured (for the run's events).
     """
     from landscape import smoothness as sm
 
@@ -320,10 +341,14 @@ def measure_step(
     if st.robust_every and measurement_index % st.robust_every == 0:
         tell("robust smoothness")
         t0 = time.perf_counter()
-        rb = sm.robust_smoothness(objective, at=x_t, n_samples=st.robust_samples, seed=st.seed)
+        # seed 002 App. D measures the spectral norm of the Gauss–Newton matrix (its top eigenvalue: PSD)
+        rb = sm.robust_smoothness(objective, at=x_t, n_samples=st.robust_samples, seed=st.seed,
+                                  curvature=st.robust_curvature,
+                                  spectrum="norm" if st.robust_curvature == "ggn" else "top")
         rows["robust"] = [
             {
                 "step": step,
+                "curvature": st.robust_curvature,
                 "top_eig": rb.top_eig,
                 "l_robust": rb.l_robust,
                 "ratio": rb.ratio,
@@ -333,6 +358,15 @@ def measure_step(
             }
         ]
         timings["robust"] = time.perf_counter() - t0
+    if st.curvature is not None:
+        from landscape.curvature_measure import measure_curvature
+
+        crows, events, ctimes = measure_curvature(objective, step, x_t, dirs, st.curvature,
+                                                  measurement_index=measurement_index, preconditioners=preconditioners)
+        rows.update(crows)
+        timings.update(ctimes)
+        if events:
+            rows["_events"] = [{"step": step, "message": m} for m in events]
     rows["_timings"] = [timings]  # type: ignore[list-item]
     rows["_grad"] = [{"grad": grad, "loss": loss}]  # type: ignore[list-item]
     rows["_engine"] = [_sharpness_engine(objective, x_t, st.method)]  # type: ignore[list-item]

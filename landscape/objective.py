@@ -20,8 +20,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from landscape import tree
-
 __all__ = ["DeterminismError", "MicroBatches", "NonFiniteError", "Objective", "math_attention"]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -382,7 +380,8 @@ class Objective:
         One gradient with ``create_graph=True`` is built per micro-batch; each ``H·vᵢ`` is then one
         backward pass of ``∇f·vᵢ`` through that retained graph (double backward). Double backward is
         used rather than forward-mode AD because forward-over-forward gives wrong second derivatives
-        through ``layer_norm`` on torch 2.13.
+        through ``layer_norm`` on torch 2.13. The engine lives in :mod:`landscape.linops.hessian`
+        (:func:`~landscape.linops.hessian.second_order`, :class:`~landscape.linops.HessianOperator`).
 
         Args:
             vs: the vectors, each keyed like :attr:`names`.
@@ -394,51 +393,11 @@ class Objective:
         Returns:
             ``(loss, grad, results)``.
         """
-        point = self._point(at)
-        vs_ = []
+        from landscape.linops.hessian import second_order
+
         for i, v in enumerate(vs):
             self._check_direction(v, f"vector {i}")
-            vs_.append({n: v[n].to(dtype=point[n].dtype, device=point[n].device) for n in self.names})
-        k = len(vs_)
-        single = len(self.batches) == 1
-        total = 0.0
-        grad = {n: torch.zeros_like(v) for n, v in point.items()}
-        hvs: list[dict[str, Tensor]] = [] if single else [{n: torch.zeros_like(p) for n, p in point.items()} for _ in vs_]
-        results: list[Any] = [None] * k
-        with self._context(second_order=True):
-            for w, b in zip(self.batches.weights, self.batches):
-                leaves = {n: v.requires_grad_(True) for n, v in self._leaves(point).items()}
-                loss = self._call(leaves, b)
-                gs = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
-                total += w * float(loss.detach())
-                for n, g in zip(leaves, gs):
-                    if g is not None:
-                        grad[n].add_(g.detach(), alpha=w)
-                # Only gradient entries that still depend on the parameters carry a second derivative.
-                live = [(n, g) for n, g in zip(leaves, gs) if g is not None and g.requires_grad]
-                for i, v in enumerate(vs_):
-                    hv = {n: torch.zeros_like(p) for n, p in point.items()}
-                    if live:
-                        prods = torch.autograd.grad(
-                            [g for _, g in live],
-                            list(leaves.values()),
-                            grad_outputs=[v[n] for n, _ in live],
-                            retain_graph=i < k - 1,
-                            allow_unused=True,
-                        )
-                        for n, h in zip(leaves, prods):
-                            if h is not None:
-                                hv[n] = h.detach()
-                    if single:
-                        results[i] = reduce(i, hv) if reduce is not None else hv
-                    else:
-                        for n in self.names:
-                            hvs[i][n].add_(hv[n], alpha=w)
-                del gs, live, loss
-        self._check_finite(total, "at this point")
-        if not single:
-            results = [reduce(i, hv) if reduce is not None else hv for i, hv in enumerate(hvs)]
-        return total, grad, results
+        return second_order(self, vs, at, reduce)
 
     # ------------------------------------------------------------------ second directional derivatives
     def directional_derivatives(
@@ -484,12 +443,12 @@ class Objective:
                 )
             else:
                 self._tell_fallback(reason, stacklevel=3)
-        def reduce(i: int, hv: dict[str, Tensor]) -> float:
-            return float(tree.dot(vs_[i], hv))
+        from landscape.linops.hessian import HessianOperator
 
-        loss, grad, seconds = self.second_order(vs_, point, reduce=reduce)
-        firsts = [float(tree.dot(grad, v)) for v in vs_]
-        return loss, firsts, [float(x) for x in seconds], "hvp"
+        single = len(self.batches) == 1
+        with HessianOperator(self, point, graph="keep" if single else "rebuild") as engine:
+            loss, firsts, seconds = engine.directional_derivatives(vs_)
+        return loss, firsts, seconds, "hvp"
 
     def _try_taylor(
         self, point: Mapping[str, Tensor], vs: Sequence[Mapping[str, Tensor]]

@@ -44,9 +44,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from landscape import _directions as dirs
-from landscape._names import FIGURE_FORMATS, FIGURE_NAMES, FIGURE_WIDTHS
+from landscape._names import CURVATURE_FIGURE_NAMES, FIGURE_FORMATS, FIGURE_NAMES, FIGURE_WIDTHS
 from landscape._style import COLUMN_WIDTH, TEXT_WIDTH, figsize, paper_style, recipe_style, run_styles
 from landscape._style import split_recipe as split_recipe
+from landscape.curvature_plots import save_curvature_figures
 from landscape.store import NoDataError, Run
 
 if TYPE_CHECKING:
@@ -1423,6 +1424,9 @@ def save_figures(run: Run, out_dir: str | Path, fmt: str = "png", *, every_step:
             if captions:
                 path.with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
             written.append(path)
+    curvature = [n for n in CURVATURE_FIGURE_NAMES if n in wanted]
+    if curvature:  # eigenvalues, traces, densities, edge of stability, per-layer bars (landscape.curvature_plots)
+        written += save_curvature_figures(run, out, fmt, only=curvature)
     return written
 
 

@@ -637,6 +637,7 @@ class Probe:
                 settings=self.settings,
                 measurement_index=self._measurements,
                 progress=progress.phase_callback(step, len(dirs)) if progress is not None else None,
+                preconditioners=self._preconditioners(),
             )
         finally:
             if progress is not None:
@@ -645,6 +646,8 @@ class Probe:
                     progress.close(f"{progress.what}: measured {len(dirs)} directions at step {step} in {seconds:.1f} s")
         self._measurements += 1
         rows.pop("_grad", None)
+        for event in rows.pop("_events", []):
+            self._store.log_event(step, "warning", event["message"])
         self.last_timings = rows.pop("_timings", [{}])[0]
         return rows
 
@@ -722,6 +725,31 @@ class Probe:
             warnings.warn(f"landscape probe: could not save the point of step {step}: {e}", stacklevel=3)
             return
         self._store.log_event(step, "point", f"saved {path.name} ({len(dirs)} directions)")
+
+    def _preconditioners(self) -> dict[str, dict[str, Tensor]] | None:
+        """``P`` of the Adam-family recipes asked for and of a trained ``torch.optim.Adam``/``AdamW``,
+        when the preconditioned sharpness is due at this measurement."""
+        cs = self.settings.curvature
+        if cs is None or not cs.due("precond", self._measurements) or self._pseudo is None:
+            return None
+        from landscape.stability import adam_preconditioner
+
+        names = self.objective.names
+        out: dict[str, dict[str, Tensor]] = {}
+        for recipe in cs.precond_recipes:
+            if recipe in self._pseudo.names:
+                try:
+                    P = self._pseudo.preconditioner(recipe)
+                except ValueError:
+                    continue
+                out[recipe] = {n: P[n] for n in names}
+        if isinstance(self._optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            try:
+                P = adam_preconditioner(self._optimizer, self.model)
+                out[str(self.trained_name)] = {n: P[n] for n in names}
+            except (ValueError, KeyError):
+                pass
+        return out or None
 
 
     # ------------------------------------------------------------------ lifetime

@@ -413,6 +413,9 @@ def _smoothness_tables(run: Run, num: Callable[[Any], str]) -> list[tuple[str, l
                  _int(r["n_removed"])] for r in run.rows("robust")]
         tables.append((f"Robust smoothness ({cite('pan2023', 'App. D, Table 8')})",
                        ["step", "top eigenvalue L", "robust ℓ", "L / ℓ", "ε", "removed"], rows))
+    from landscape.curvature_report import curvature_tables
+
+    tables += curvature_tables(run, num)
     return tables
 
 

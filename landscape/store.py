@@ -464,6 +464,8 @@ _TABLE_LIST: tuple[Table, ...] = (
             _c("eps", "REAL", "fraction of coordinates removed"),
             _c("n_removed", "INTEGER", "number of coordinates removed"),
             _c("n_samples", "INTEGER", "random sign vectors used to estimate the row norms"),
+            _c("curvature", "TEXT", "the matrix: `hessian`, or `ggn` (the Gauss–Newton matrix of Pan & Li 2023, App. D); "
+                                    "missing (runs before it was recorded): `hessian`", nullable=True),
         ),
         ("step",),
         "Robust smoothness (Pan & Li 2023, App. D, Table 8).",
@@ -565,6 +567,82 @@ _TABLE_LIST: tuple[Table, ...] = (
         ),
         ("recipe", "lr", "seed", "step"),
         "Loss curves of the optimizer race, every step of every training run.",
+    ),
+    # -- curvature (opt-in: MeasureSettings(curvature=CurvatureSettings(...)), landscape.curvature_measure)
+    Table(
+        "eigenvalues",
+        (
+            _STEP,
+            _c("curvature", "TEXT", "the matrix: `hessian` or `ggn` (Gauss–Newton Jᵀ H_ℓ J)"),
+            _c("block", "TEXT", "`all` (the whole matrix) or the block (layer, tensor) of a diagonal block A[B, B]"),
+            _c("which", "TEXT", "`top` (largest) or `bottom` (most negative)"),
+            _c("rank", "INTEGER", "0 for the largest (top) / smallest (bottom), then 1, 2, ..."),
+            _c("value", "REAL", "the eigenvalue (Lanczos Ritz value)"),
+            _c("residual", "REAL", "‖Av − λv‖₂ of its unit eigenvector: the eigenvalue is within this of the true one"),
+            _c("converged", "BOOL", "every requested residual ≤ tol·‖A‖"),
+            _c("n_products", "INTEGER", "matrix-vector products spent on this block"),
+        ),
+        ("step", "curvature", "block", "which", "rank"),
+        "Extreme eigenvalues of the Hessian / Gauss–Newton matrix and of its diagonal blocks, with residuals "
+        "(Lanczos; `landscape.eigenvalues`).",
+    ),
+    Table(
+        "trace",
+        (
+            _STEP,
+            _c("curvature", "TEXT", "the matrix: `hessian` or `ggn`"),
+            _c("method", "TEXT", "`hutch++` (Meyer et al. 2021) or `hutchinson`"),
+            _c("estimate", "REAL", "the trace estimate"),
+            _c("stderr", "REAL", "its standard error (Hutch++: of the residual Hutchinson term)"),
+            _c("n_products", "INTEGER", "matrix-vector products spent"),
+        ),
+        ("step", "curvature", "method"),
+        "Trace estimates with standard errors (`landscape.hutchpp_trace`, `landscape.hutchinson_trace`).",
+    ),
+    Table(
+        "density",
+        (
+            _STEP,
+            _c("curvature", "TEXT", "the matrix: `hessian` or `ggn`"),
+            _c("nodes", "ARRAY", "Gauss quadrature nodes (Lanczos Ritz values) of every run"),
+            _c("weights", "ARRAY", "their weights (summing to 1): the density is Σ wⱼ g_σ(t − nodeⱼ)"),
+            _c("n_vectors", "INTEGER", "Lanczos runs"),
+            _c("steps", "INTEGER", "Lanczos steps per run"),
+            _c("n_params", "INTEGER", "the dimension d (d·Σ wⱼ nodeⱼ estimates the trace)"),
+        ),
+        ("step", "curvature"),
+        "Spectral density by stochastic Lanczos quadrature (Ghorbani et al. 2019; `landscape.spectral_density`).",
+    ),
+    Table(
+        "preconditioned",
+        (
+            _STEP,
+            _c("optimizer", "TEXT", "whose preconditioner P: an Adam-family recipe (`adam`) or the trained "
+                                    "optimizer (`adam (trained)`)"),
+            _c("curvature", "TEXT", "the matrix A of λ_max(P⁻¹A): `hessian`"),
+            _c("value", "REAL", "preconditioned sharpness λ_max(P⁻¹A), P = (1−β₁ᵗ)(√v̂ + ε) (Cohen et al. 2022)"),
+            _c("residual", "REAL", "‖Bv − λv‖₂ for B = P^{-1/2} A P^{-1/2}"),
+            _c("converged", "BOOL", "residual ≤ tol·‖B‖"),
+            _c("n_products", "INTEGER", "matrix-vector products spent"),
+        ),
+        ("step", "optimizer", "curvature"),
+        "Preconditioned sharpness of adaptive methods, to compare with their stability threshold "
+        "(2 + 2β₁)/((1 − β₁)η) = 38/η (Cohen et al. 2022).",
+    ),
+    Table(
+        "sharpness_layers",
+        (
+            _STEP,
+            _DIRECTION,
+            _c("curvature", "TEXT", "the matrix: `hessian` or `ggn`"),
+            _c("block", "TEXT", "the layer (or parameter tensor)"),
+            _c("contribution", "REAL", "û_bᵀ (A û)_b: the terms of all blocks sum to ûᵀ A û"),
+            _c("mass", "REAL", "‖û_b‖²: the share of the unit direction in the block (summing to 1)"),
+            _c("diagonal", "REAL", "û_bᵀ A_bb û_b, the block's own curvature (when measured)", nullable=True),
+        ),
+        ("step", "direction", "curvature", "block"),
+        "Exact per-layer decomposition of each direction's sharpness ûᵀAû = Σ_b û_bᵀ(Aû)_b "
+        "(`landscape.sharpness_by_layer`).",
     ),
 )
 

@@ -111,3 +111,83 @@ def loss_at_copy(model: nn.Module, loss_fn, batch, point: dict[str, torch.Tensor
         for n, v in point.items():
             named[n].copy_(v)
         return float(loss_fn(m, batch))
+
+
+# -- tiny float64 cases for the curvature operators (model, batch, loss of the output, inputs) --------
+def mlp_case(n=6):
+    torch.manual_seed(0)
+    model = MLP().double()
+    x, y = torch.randn(n, 3, dtype=torch.float64), torch.randint(0, 2, (n,))
+    return model, (x, y), lambda out: F.cross_entropy(out, y), x
+
+
+def cnn_case():
+    torch.manual_seed(1)
+    model = CNN().double()
+    x, y = torch.randn(4, 1, 5, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    return model, (x, y), lambda out: F.cross_entropy(out, y), x
+
+
+def transformer_case():
+    """nn.TransformerEncoderLayer: LayerNorm and attention, where torch.func's Hessians go wrong."""
+    torch.manual_seed(2)
+    model = TinyTransformer().double()
+    x, y = torch.randint(0, 5, (2, 5)), torch.randint(0, 5, (2, 5))
+    return model, (x, y), lambda out: F.cross_entropy(out.reshape(-1, 5), y.reshape(-1)), x
+
+
+CASES = {"mlp": mlp_case, "cnn": cnn_case, "transformer": transformer_case}
+
+
+def dense_ggn(model: nn.Module, loss_of_output, inputs, names=None) -> torch.Tensor:
+    """Dense Gauss–Newton matrix ``Jᵀ H_ℓ J`` in float64, from ``torch.autograd.functional``'s
+    reverse-mode Jacobian of the model output and Hessian of the loss in the output: an independent
+    reference for the GGN products."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    names = list(params) if names is None else list(names)
+    shapes = [params[n].shape for n in names]
+    sizes = [params[n].numel() for n in names]
+    flat0 = torch.cat([params[n].reshape(-1) for n in names])
+    was = model.training
+    model.eval()
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            out0 = torch.func.functional_call(model, params, (inputs,)).detach()
+
+            def z_of(flat):
+                p = dict(params)
+                for n, c, s in zip(names, torch.split(flat, sizes), shapes):
+                    p[n] = c.reshape(s)
+                return torch.func.functional_call(model, p, (inputs,)).reshape(-1)
+
+            J = torch.autograd.functional.jacobian(z_of, flat0)
+            Hl = torch.autograd.functional.hessian(lambda z: loss_of_output(z.reshape(out0.shape)), out0.reshape(-1))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+        model.train(was)
+    return J.T @ Hl @ J
+
+
+def dense_of(op) -> torch.Tensor:
+    """The dense matrix of a landscape curvature operator, one product per basis vector."""
+    view = op.flat()
+    eye = torch.eye(view.n, dtype=view.dtype)
+    return torch.stack([view.mv(e) for e in eye], dim=1)
+
+
+_DENSE: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def cached_dense(case: str, kind: str) -> torch.Tensor:
+    """The dense float64 Hessian (``kind="hessian"``) or Gauss–Newton matrix (``"ggn"``) of ``CASES[case]``
+    over all its parameters, computed once per test session (the cases are seeded, so deterministic)."""
+    key = (case, kind)
+    if key not in _DENSE:
+        model, _, loss_of_output, inputs = CASES[case]()
+        fn = dense_hessian if kind == "hessian" else dense_ggn
+        _DENSE[key] = fn(model, loss_of_output, inputs)
+    return _DENSE[key]

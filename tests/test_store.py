@@ -56,6 +56,10 @@ def test_tables_declare_the_documented_schema():
         "coord_smoothness": ("step", "layer"), "robust": ("step",), "events": ("id",),
         "planes": ("name",), "plane_losses": ("name", "objective", "start"), "plane_trajectory": ("name", "position"),
         "race_runs": ("recipe", "lr", "seed"), "race_curves": ("recipe", "lr", "seed", "step"),
+        # curvature (landscape.curvature_measure)
+        "eigenvalues": ("step", "curvature", "block", "which", "rank"), "trace": ("step", "curvature", "method"),
+        "density": ("step", "curvature"), "preconditioned": ("step", "optimizer", "curvature"),
+        "sharpness_layers": ("step", "direction", "curvature", "block"),
     }
     assert {name: t.primary_key for name, t in TABLES.items()} == expected_pk
     sharp = TABLES["sharpness"].by_name

@@ -347,6 +347,49 @@ class PseudoUpdates:
         """:meth:`directions` for one recipe."""
         return self.directions([name])[name]
 
+    @torch.no_grad()
+    def preconditioner(self, name: str, *, bias_correction: bool = True) -> dict[str, Tensor]:
+        """The diagonal preconditioner ``P`` of an Adam-family recipe at the current step, with the
+        recipe's direction ``u = P⁻¹ m`` for its raw first moment ``m`` (Cohen et al., "Adaptive
+        Gradient Methods at the Edge of Stability", 2022, §2):
+
+            P = (1 − β₁ᵗ) · (√(v / (1 − β₂ᵗ)) + ε)
+
+        from the recipe's own second-moment state ``v`` (``bias_correction=False`` drops both
+        bias-correction factors: ``P = √v + ε``). Fresh tensors in the parameters' dtype.
+
+        Raises:
+            KeyError: an unknown recipe. ValueError: a recipe without an Adam second moment
+            (``scale_by_adam`` in its chain), or no gradient observed yet.
+        """
+        from landscape.optim._atoms import ScaleByAdam
+
+        if name not in self._txs:
+            raise KeyError(f"unknown recipe {name!r}; this PseudoUpdates has {self.names}")
+        found = None
+        if name in self._program.outputs:
+            key = self._program.outputs[name]
+            while key in self._program.streams:
+                atom, inp, slots = self._program.streams[key]
+                if isinstance(atom, ScaleByAdam):
+                    found = (atom, slots["v"])
+                    break
+                key = inp
+        if found is None:
+            raise ValueError(f"recipe {name!r} has no Adam second moment (scale_by_adam): no preconditioner to read")
+        if self._step == 0:
+            raise ValueError("no gradients observed yet: the preconditioner is defined after the first observe()")
+        atom, mkey = found
+        t = self._step
+        state = self._moments[mkey]
+        out: dict[str, Tensor] = {}
+        for n, p in self._params.items():
+            v = state[n].to(compute_dtype(state[n].dtype))
+            c2 = 1.0 - atom.beta2**t if bias_correction else 1.0
+            c1 = 1.0 - atom.beta1**t if bias_correction else 1.0
+            out[n] = ((v / c2).sqrt_().add_(atom.eps) * c1).to(p.dtype)
+        return out
+
     # memory ------------------------------------------------------------------------------------------
     def state_report(self) -> list[dict[str, Any]]:
         """Every distinct stored state: ``key`` (what it computes), ``bytes`` and ``used_by``
