@@ -19,7 +19,7 @@ What happens, for the checkpoints ``x_0, x_1, ..., x_n`` in training order (see
 2. Its gradient ``g_k`` is computed: the mean loss of the next ``grad_batches`` batches of the
    spec's ``train_batches`` (taken in order, restarting the iterable when it runs out), or, without
    ``train_batches``, the probe batch. ``g_k`` is fed to every pseudo-update recipe, exactly as the
-   probe feeds the real training gradient (seed 002 App. B.3).
+   probe feeds the real training gradient (Pan & Li 2023, App. B.3).
 3. Every ``every``-th checkpoint (the first included) is measured by
    :func:`landscape.measure.measure_step`, as the probe measures: the sharpness and landscape line of
    every recipe's direction and of the real step between checkpoints ``x_k − x_{k+1}`` (the

@@ -11,7 +11,7 @@ each term the part of the directional sharpness that lands on block ``b``: its o
 ``diagonal=True`` separates the two, one more (block) product per block. ``mass`` is ``‖û_b‖²``,
 how much of the direction sits in the block (summing to one).
 
-This shows *which layers* make SGD's direction sharp and Adam's flat (seed 002's question), rather
+This shows *which layers* make SGD's direction sharp and Adam's flat (Pan & Li 2023's question), rather
 than only that they differ.
 """
 

@@ -6,7 +6,7 @@ The pictures most of the field means by "loss landscape":
   "Visualizing the Loss Landscape of Neural Nets"), with the directions from
   - :func:`random_plane`: two filter-normalised random directions (Li et al. §4);
   - :func:`update_plane`: two optimizers' update directions at the same point (e.g. SGD's and Adam's
-    pseudo-updates), orthogonalised: seed 002's question (which direction is sharper) made visible;
+    pseudo-updates), orthogonalised: Pan & Li 2023's question (which direction is sharper) made visible;
   - :func:`pca_plane`: the top two principal directions of a trajectory (Li et al. §7), with the
     trajectory projected onto them and the explained variance of each axis;
 * **lines** ``f(x + α·d)``, e.g. :func:`interpolation` between two checkpoints
@@ -664,7 +664,7 @@ def update_plane(
     An update ``u`` moves ``x`` to ``x − η·u``, so the axes point along the steps: ``e₁ = −û₁`` and
     ``e₂ = (−û₂ − c·e₁) / ‖−û₂ − c·e₁‖`` with ``c = cos(u₁, u₂)``. With ``scale="unit"`` (default) the
     directions are ``e₁, e₂``: coordinates are distances in parameter space, as the store's ``lines``
-    (seed 002 Figs. 2–4), and the curvature of the contours along each axis compares the two
+    (Pan & Li 2023, Figs. 2–4), and the curvature of the contours along each axis compares the two
     directions' sharpness directly. With ``scale="norm"`` they are ``‖u₁‖·e₁, ‖u₂‖·e₂``: ``α = 1`` is
     the whole update ``x − u₁``. ``markers`` hold the step along each update in plane coordinates:
     ``names[0]`` at ``(1, 0)``, ``names[1]`` at ``(c, √(1 − c²))`` (unit scale).

@@ -4,14 +4,14 @@ coordinate-wise form, and the "robust smoothness" left after removing a few bad 
 Four measurements, each a function of an :class:`~landscape.objective.Objective` ``f`` (a loss on a
 fixed probe batch as a function of the parameters ``x``, a ``dict[str, Tensor]``):
 
-* :func:`local_smoothness` -- Crawshaw et al. (seed 001, §5.2, Fig. 1): along the real step
+* :func:`local_smoothness` -- Crawshaw et al. (Crawshaw et al. 2022, §5.2, Fig. 1): along the real step
   ``d = x_{t+1} − x_t``, ``L̂_t = max_γ ‖∇f(x_t + γd) − ∇f(x_t)‖₂ / ‖γd‖₂``, γ ∈ {1/6, …, 5/6}.
 * :func:`fit_l0_l1` -- the pair (L0, L1) ≥ 0 of the relaxed smoothness ``‖∇²f‖ ≤ L0 + L1‖∇f‖``
-  (seed 001, Eq. 1) fitted as an *upper envelope* of the samples (L̂_t, ‖∇f(x_t)‖).
-* :func:`coordinate_smoothness` / :func:`fit_per_layer` -- the coordinate-wise scatter of seed 001,
+  (Crawshaw et al. 2022, Eq. 1) fitted as an *upper envelope* of the samples (L̂_t, ‖∇f(x_t)‖).
+* :func:`coordinate_smoothness` / :func:`fit_per_layer` -- the coordinate-wise scatter of Crawshaw et al. 2022,
   Fig. 3 (and Assumption 2): ``|∂_j f(x_{t+1}) − ∂_j f(x_t)| / |x_{t+1,j} − x_{t,j}|`` against
   ``min(|∂_j f(x_t)|, |∂_j f(x_{t+1})|)`` for sampled coordinates of every parameter tensor.
-* :func:`robust_smoothness` -- Pan & Li (seed 002, §4.2, App. D, Table 8): the top eigenvalue L of the
+* :func:`robust_smoothness` -- Pan & Li (Pan & Li 2023, §4.2, App. D, Table 8): the top eigenvalue L of the
   Hessian, and ℓ, the top eigenvalue of the Hessian restricted to the coordinates left after
   removing those with the largest Hessian row norms ``‖H_{j,:}‖₂``.
 
@@ -64,7 +64,7 @@ __all__ = [
 
 Tree = dict[str, Tensor]
 
-#: The sample locations of seed 001, §5.2: γ ∈ {1/6, 2/6, 3/6, 4/6, 5/6}.
+#: The sample locations of Crawshaw et al. 2022, §5.2: γ ∈ {1/6, 2/6, 3/6, 4/6, 5/6}.
 DEFAULT_GAMMAS: tuple[float, ...] = (1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6)
 
 #: Below this many coordinates an eigenvalue is computed densely (n matrix-vector products and
@@ -118,11 +118,11 @@ def _float(t: Tensor | float) -> float:
 # ---------------------------------------------------------------------------------------------- L̂_t
 @dataclass(frozen=True)
 class LocalSmoothness:
-    """The local smoothness estimate of seed 001, §5.2, at one step.
+    """The local smoothness estimate of Crawshaw et al. 2022, §5.2, at one step.
 
     Attributes:
         l_hat: ``L̂_t = max_γ ‖∇f(x_t + γd) − ∇f(x_t)‖₂ / ‖γd‖₂`` (NaN for a zero step).
-        grad_norm: ``‖∇f(x_t)‖₂``, the abscissa of seed 001, Fig. 1.
+        grad_norm: ``‖∇f(x_t)‖₂``, the abscissa of Crawshaw et al. 2022, Fig. 1.
         step_norm: ``‖d‖₂ = ‖x_{t+1} − x_t‖₂``.
         per_gamma: the ratio at every γ, in the order of ``gammas``.
         gammas: the sample locations γ.
@@ -142,7 +142,7 @@ def local_smoothness(
     gammas: Sequence[float] = DEFAULT_GAMMAS,
     grad_t: Mapping[str, Tensor] | None = None,
 ) -> LocalSmoothness:
-    """Local gradient-Lipschitz estimate along the real training step (seed 001, §5.2, Fig. 1).
+    """Local gradient-Lipschitz estimate along the real training step (Crawshaw et al. 2022, §5.2, Fig. 1).
 
     With ``d = x_{t+1} − x_t``::
 
@@ -308,7 +308,7 @@ def fit_l0_l1(
     *,
     outliers: float = 0.0,
 ) -> L0L1Fit:
-    """Fit the (L0, L1)-smoothness envelope ``L̂ ≤ L0 + L1·‖∇f‖`` (seed 001, Eq. 1 and Fig. 1).
+    """Fit the (L0, L1)-smoothness envelope ``L̂ ≤ L0 + L1·‖∇f‖`` (Crawshaw et al. 2022, Eq. 1 and Fig. 1).
 
     The relaxed smoothness condition is an *upper bound*, so the fit is an upper envelope, not a
     regression. Among all lines with ``L0 ≥ 0``, ``L1 ≥ 0`` lying on or above the samples, it takes
@@ -420,7 +420,7 @@ def fit_l0_l1(
 # ---------------------------------------------------------------------------------------------- coordinate-wise
 @dataclass(frozen=True)
 class CoordinateSamples:
-    """Coordinate-wise smoothness samples of one parameter tensor at one step (seed 001, Fig. 3).
+    """Coordinate-wise smoothness samples of one parameter tensor at one step (Crawshaw et al. 2022, Fig. 3).
 
     Arrays are aligned: entry i is about flat coordinate ``index[i]`` of the tensor. The coordinates
     depend only on (seed, parameter name, numel), so calls with the same seed follow the same
@@ -430,7 +430,7 @@ class CoordinateSamples:
         index: flat indices of the sampled coordinates (sorted).
         ratio: ``|∂_j f(x_{t+1}) − ∂_j f(x_t)| / |x_{t+1,j} − x_{t,j}|``; NaN where the step leaves the
             coordinate unchanged (0/0: nothing is measured there).
-        min_grad: ``min(|∂_j f(x_t)|, |∂_j f(x_{t+1})|)`` (seed 001 uses the min because Assumption 2 is
+        min_grad: ``min(|∂_j f(x_t)|, |∂_j f(x_{t+1})|)`` (Crawshaw et al. 2022 use the min because Assumption 2 is
             symmetric in x and y).
         delta_grad: ``|∂_j f(x_{t+1}) − ∂_j f(x_t)|``.
         delta_x: ``|x_{t+1,j} − x_{t,j}|``.
@@ -449,7 +449,7 @@ class CoordinateSamples:
 
     @property
     def ratio_assumption2(self) -> np.ndarray:
-        """``|Δ∂_j f| / ‖Δx‖₂``, the left side of seed 001's Assumption 2 divided by the step norm."""
+        """``|Δ∂_j f| / ‖Δx‖₂``, the left side of Crawshaw et al. 2022's Assumption 2 divided by the step norm."""
         return (
             self.delta_grad / self.step_norm if self.step_norm > 0 else np.full_like(self.delta_grad, np.nan)
         )
@@ -471,7 +471,7 @@ def coordinate_smoothness(
     grad_t: Mapping[str, Tensor] | None = None,
     grad_next: Mapping[str, Tensor] | None = None,
 ) -> dict[str, CoordinateSamples]:
-    """Coordinate-wise smoothness samples along the real step (seed 001, §5.2 and Fig. 3).
+    """Coordinate-wise smoothness samples along the real step (Crawshaw et al. 2022, §5.2 and Fig. 3).
 
     For ``per_layer`` coordinates j of every measured parameter tensor ("layer")::
 
@@ -544,7 +544,7 @@ def fit_per_layer(
     samples: Mapping[str, CoordinateSamples] | Iterable[Mapping[str, CoordinateSamples]],
     **fit_kwargs: Any,
 ) -> dict[str, L0L1Fit]:
-    """(L0, L1) envelope of ``ratio`` against ``min_grad`` for every layer (seed 001, Fig. 3).
+    """(L0, L1) envelope of ``ratio`` against ``min_grad`` for every layer (Crawshaw et al. 2022, Fig. 3).
 
     Args:
         samples: the result of one :func:`coordinate_smoothness` call, or an iterable of them (e.g.
@@ -571,7 +571,7 @@ def fit_per_layer(
 # ---------------------------------------------------------------------------------------------- robust smoothness
 @dataclass(frozen=True)
 class RobustSmoothness:
-    """Robust smoothness (seed 002, §4.2, Theorem 1, App. D, Table 8).
+    """Robust smoothness (Pan & Li 2023, §4.2, Theorem 1, App. D, Table 8).
 
     Attributes:
         top_eig: L, the top eigenvalue of the Hessian (``spectrum="norm"``: its spectral norm).
@@ -667,7 +667,7 @@ def robust_smoothness(
     progress: Progress | None = None,
     curvature: str = "hessian",
 ) -> RobustSmoothness:
-    """Smoothness with the worst coordinates removed (seed 002, §4.2, App. D, Table 8).
+    """Smoothness with the worst coordinates removed (Pan & Li 2023, §4.2, App. D, Table 8).
 
     Seed 002 conjectures that only a small fraction ε of coordinates has bad smoothness: with
     ``ℓ = ‖H[S, S]‖`` over the kept coordinates S, clipped SGD's directional sharpness is
@@ -718,7 +718,7 @@ def robust_smoothness(
             replacing ``objective.hvps(vs, at=at)``.
         progress: called as ``progress(stage, done, total)`` with stage ``"row_norms"``,
             ``"top_eig"`` or ``"l_robust"`` (total None when unknown).
-        curvature: ``"hessian"`` (default) or ``"ggn"`` (seed 002 App. D's Gauss–Newton matrix).
+        curvature: ``"hessian"`` (default) or ``"ggn"`` (Pan & Li 2023, App. D's Gauss–Newton matrix).
 
     Returns:
         A :class:`RobustSmoothness`.

@@ -45,7 +45,7 @@ __all__ = ["DEFAULT_TOL", "Eigenpairs", "LanczosRun", "eigenvalues", "lanczos"]
 _SMALL = 200_000
 
 #: Default relative residual: ``‖Av − λv‖ ≤ 1e-4·‖A‖``, four significant digits of the top
-#: eigenvalue, more than the curves of Cohen et al. (2021, sharpness against 2/η) or seed 002's
+#: eigenvalue, more than the curves of Cohen et al. (2021, sharpness against 2/η) or Pan & Li 2023's
 #: Table 8 (robust smoothness, three digits) print.
 DEFAULT_TOL = 1e-4
 

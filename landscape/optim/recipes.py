@@ -9,15 +9,15 @@ threshold), and Adafactor's ``decay_rate``, ``eps1``, ``eps2``, ``d``, ``relativ
 Where the seeds leave room, the choices made here:
 
 * Adam is Kingma & Ba's bias-corrected rule with ε outside the root (``torch.optim.Adam``'s), not
-  Algorithm 6's shorthand ``m/√(v+ε)``; seed 000's identity needs the bias correction.
+  Algorithm 6's shorthand ``m/√(v+ε)``; Cesista's (2025) identity needs the bias correction.
 * Numerator-only clipping (``adam_clip``, ``adafactor_clip``) follows App. B.2's text: the second
   moment sees the raw gradient (Algorithm 6's box writes ĝ² there).
 * Adafactor has no first moment (Algorithms 7-8 have none) and, by default, a fixed learning rate in
   place of α_t (App. B.2 allows both); ``relative_step=True`` folds ``max(ε₂, RMS(x))·min(10⁻², 1/√t)``
   into the direction, which is exactly ``torch.optim.Adafactor(lr=1e-2)`` up to where ε₁ enters.
-* ``gensignsgd``: seed 001 tunes β2 by grid search and states no default; 0.5 satisfies Theorem 1's
+* ``gensignsgd``: Crawshaw et al. (2022) tune β2 by grid search and state no default; 0.5 satisfies Theorem 1's
   ``√β2 < β1`` with margin. ε = 0 as in Algorithm 1 (0/0 := 0).
-* ``adam_valueclip``/``adam_normclip``: seed 000 takes α → 0; the defaults (1e-6 per coordinate, 1e-3
+* ``adam_valueclip``/``adam_normclip``: Cesista (2025) takes α → 0; the defaults (1e-6 per coordinate, 1e-3
   for the whole-model norm) clip essentially every coordinate / every step of a typical network.
   When all coordinates are clipped, v̂ = α² exactly, so ε only rescales the direction.
 * ``lion_clip_update`` clips the interpolation ``β1 m + (1−β1) g`` in place of taking its sign.
@@ -91,53 +91,53 @@ def _register(name: str, rule: str, source: str) -> Callable[[Callable[..., Tran
     return deco
 
 
-# --- SGD family (seed 002 Algorithms 3-5) ---------------------------------------------------------
+# --- SGD family (Pan & Li 2023, Algorithms 3-5) ---------------------------------------------------------
 
 
-@_register("sgd", "m = βm + (1−β)g; u = m", "seed 002 Alg. 3")
+@_register("sgd", "m = βm + (1−β)g; u = m", "Pan & Li 2023, Alg. 3")
 def _sgd(beta=0.9):
     return chain(trace(beta))
 
 
-@_register("sgd_clip", "as sgd on clip(g), the top `clip` fraction of |g| clipped to τ", "seed 002 Alg. 3, App. B.2")
+@_register("sgd_clip", "as sgd on clip(g), the top `clip` fraction of |g| clipped to τ", "Pan & Li 2023, Alg. 3, App. B.2")
 def _sgd_clip(beta=0.9, clip=0.1, per_tensor=False):
     return chain(clip_top(clip, per_tensor), trace(beta))
 
 
-@_register("normsgd", "m = βm + (1−β)g; u = m/‖m‖·√numel per tensor", "seed 002 Alg. 4")
+@_register("normsgd", "m = βm + (1−β)g; u = m/‖m‖·√numel per tensor", "Pan & Li 2023, Alg. 4")
 def _normsgd(beta=0.9):
     return chain(trace(beta), normalize_rms())
 
 
-@_register("normsgd_clip", "as normsgd on clip(g)", "seed 002 Alg. 4, App. B.2")
+@_register("normsgd_clip", "as normsgd on clip(g)", "Pan & Li 2023, Alg. 4, App. B.2")
 def _normsgd_clip(beta=0.9, clip=0.1, per_tensor=False):
     return chain(clip_top(clip, per_tensor), trace(beta), normalize_rms())
 
 
-@_register("signsgd", "m = βm + (1−β)g; u = sign(m)", "seed 002 Alg. 5")
+@_register("signsgd", "m = βm + (1−β)g; u = sign(m)", "Pan & Li 2023, Alg. 5")
 def _signsgd(beta=0.9):
     return chain(trace(beta), sign())
 
 
-# --- Adam (seed 002 Algorithm 6) --------------------------------------------------------------------
+# --- Adam (Pan & Li 2023, Algorithm 6) --------------------------------------------------------------------
 
 
-@_register("adam", "u = m̂/(√v̂ + ε), m, v EMAs of g, g² (bias-corrected)", "seed 002 Alg. 6")
+@_register("adam", "u = m̂/(√v̂ + ε), m, v EMAs of g, g² (bias-corrected)", "Pan & Li 2023, Alg. 6")
 def _adam(beta1=0.9, beta2=0.999, eps=1e-8):
     return chain(scale_by_adam(beta1, beta2, eps))
 
 
-@_register("adam_clip", "Adam with clip(g) in m only, raw g² in v", "seed 002 Alg. 6, App. B.2")
+@_register("adam_clip", "Adam with clip(g) in m only, raw g² in v", "Pan & Li 2023, Alg. 6, App. B.2")
 def _adam_clip(beta1=0.9, beta2=0.999, eps=1e-8, clip=0.5, per_tensor=False):
     return chain(clip_top(clip, per_tensor), scale_by_adam(beta1, beta2, eps, second_moment_of="raw"))
 
 
-@_register("adam_clip_update", "u = clip(Adam update)", "seed 002 App. B.2")
+@_register("adam_clip_update", "u = clip(Adam update)", "Pan & Li 2023, App. B.2")
 def _adam_clip_update(beta1=0.9, beta2=0.999, eps=1e-8, clip=0.5, per_tensor=False):
     return chain(scale_by_adam(beta1, beta2, eps), clip_top(clip, per_tensor))
 
 
-# --- Adafactor (seed 002 Algorithms 7 and 8) -------------------------------------------------------
+# --- Adafactor (Pan & Li 2023, Algorithms 7 and 8) -------------------------------------------------------
 
 
 def _adafactor_tail(d, relative_step, eps2):
@@ -147,13 +147,13 @@ def _adafactor_tail(d, relative_step, eps2):
 @_register(
     "adafactor",
     "U = G/√V̂ (V̂ = RC/1ᵀR for matrices, EMA of G²+ε₁ for vectors, β̂ = 1 − t^decay_rate); u = U/max(1, RMS(U)/d)",
-    "seed 002 Alg. 7, 8",
+    "Pan & Li 2023, Alg. 7, 8",
 )
 def _adafactor(decay_rate=-0.8, eps1=1e-30, d=1.0, relative_step=False, eps2=1e-3):
     return chain(scale_by_factored_rms(decay_rate, eps1), *_adafactor_tail(d, relative_step, eps2))
 
 
-@_register("adafactor_clip", "Adafactor with clip(G) in the numerator only", "seed 002 Alg. 7, 8, App. B.2")
+@_register("adafactor_clip", "Adafactor with clip(G) in the numerator only", "Pan & Li 2023, Alg. 7, 8, App. B.2")
 def _adafactor_clip(decay_rate=-0.8, eps1=1e-30, d=1.0, relative_step=False, eps2=1e-3, clip=0.5, per_tensor=False):
     return chain(
         clip_top(clip, per_tensor),
@@ -162,46 +162,46 @@ def _adafactor_clip(decay_rate=-0.8, eps1=1e-30, d=1.0, relative_step=False, eps
     )
 
 
-# --- Lion (seed 002 Algorithm 9) --------------------------------------------------------------------
+# --- Lion (Pan & Li 2023, Algorithm 9) --------------------------------------------------------------------
 
 
-@_register("lion", "u = sign(β1 m + (1−β1)g); m = β2 m + (1−β2)g", "seed 002 Alg. 9")
+@_register("lion", "u = sign(β1 m + (1−β1)g); m = β2 m + (1−β2)g", "Pan & Li 2023, Alg. 9")
 def _lion(beta1=0.9, beta2=0.99):
     return chain(lion_momentum(beta1, beta2), sign())
 
 
-@_register("lion_clip_update", "u = clip(β1 m + (1−β1)g) instead of the sign", "seed 002 Alg. 9, App. B.2")
+@_register("lion_clip_update", "u = clip(β1 m + (1−β1)g) instead of the sign", "Pan & Li 2023, Alg. 9, App. B.2")
 def _lion_clip_update(beta1=0.9, beta2=0.99, clip=0.5, per_tensor=False):
     return chain(lion_momentum(beta1, beta2), clip_top(clip, per_tensor))
 
 
-# --- seed 001 -----------------------------------------------------------------------------------------
+# --- Crawshaw et al. 2022, -----------------------------------------------------------------------------------------
 
 
-@_register("gensignsgd", "m = β1 m + (1−β1)g; v = β2 v + (1−β2)m²; u = m/(√v + ε)", "seed 001 Alg. 1")
+@_register("gensignsgd", "m = β1 m + (1−β1)g; v = β2 v + (1−β2)m²; u = m/(√v + ε)", "Crawshaw et al. 2022, Alg. 1")
 def _gensignsgd(beta1=0.9, beta2=0.5, eps=0.0):
     return chain(trace(beta1), scale_by_rms(_check_beta("beta2", beta2), eps))
 
 
-# --- seed 000 -----------------------------------------------------------------------------------------
+# --- smoothed SignSGD / NormSGD (Cesista 2025) ----------------------------------------------------
 
 
-@_register("smoothed_signsgd", "m = βm + (1−β)sign(g); u = m", "seed 000 Def. 1")
+@_register("smoothed_signsgd", "m = βm + (1−β)sign(g); u = m", "Cesista 2025, “Adam with Aggressive Gradient Clipping ≈ Smoothed SignSGD/NormSGD”, Def. 1")
 def _smoothed_signsgd(beta=0.9):
     return chain(sign(), trace(beta))
 
 
-@_register("smoothed_normsgd", "m = βm + (1−β)g/‖g‖; u = m", "seed 000 Def. 2")
+@_register("smoothed_normsgd", "m = βm + (1−β)g/‖g‖; u = m", "Cesista 2025, “Adam with Aggressive Gradient Clipping ≈ Smoothed SignSGD/NormSGD”, Def. 2")
 def _smoothed_normsgd(beta=0.9, per_tensor=False):
     return chain(normalize(per_tensor), trace(beta))
 
 
-@_register("adam_valueclip", "Adam on clamp(g, −α, α)", "seed 000")
+@_register("adam_valueclip", "Adam on clamp(g, −α, α)", "Cesista 2025, “Adam with Aggressive Gradient Clipping ≈ Smoothed SignSGD/NormSGD”")
 def _adam_valueclip(beta1=0.9, beta2=0.999, eps=1e-8, alpha=1e-6):
     return chain(clip_value(alpha), scale_by_adam(beta1, beta2, eps))
 
 
-@_register("adam_normclip", "Adam on g·min(1, α/‖g‖)", "seed 000")
+@_register("adam_normclip", "Adam on g·min(1, α/‖g‖)", "Cesista 2025, “Adam with Aggressive Gradient Clipping ≈ Smoothed SignSGD/NormSGD”")
 def _adam_normclip(beta1=0.9, beta2=0.999, eps=1e-8, alpha=1e-3, per_tensor=False):
     return chain(clip_norm(alpha, per_tensor), scale_by_adam(beta1, beta2, eps))
 

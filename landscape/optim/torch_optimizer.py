@@ -1,5 +1,5 @@
-"""A real ``torch.optim.Optimizer`` for any recipe, so the seeds' convergence experiments (seed 002
-Fig. 6, seed 001 Table 1) can be run with exactly the math the pseudo-updates measure."""
+"""A real ``torch.optim.Optimizer`` for any recipe, so the seeds' convergence experiments (Pan & Li 2023
+Fig. 6, Crawshaw et al. 2022, Table 1) can be run with exactly the math the pseudo-updates measure."""
 
 from __future__ import annotations
 
