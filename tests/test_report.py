@@ -372,6 +372,11 @@ def test_no_internal_document_numbers_reach_a_user(synthetic_run):
         assert "seed 00" not in text and "Seed 00" not in text
         for m in re.finditer(r"\b(Alg|Def|Table|App|Fig)s?\. ", text):  # every part cited names its work
             assert any(h in text[max(0, m.start() - 110):m.start()] for h in heads), text[max(0, m.start() - 110):m.end()]
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:  # what a user reads first
+        assert not re.search(r"\b[Ss]eeds? 00\d", doc.read_text(encoding="utf-8")), doc.name
     assert "Pan & Li 2023, Alg. 3" in format_recipes()
     assert "Cesista 2025, “Adam with Aggressive Gradient Clipping ≈ Smoothed SignSGD/NormSGD”, Def. 1" in format_recipes()
     assert set(REFERENCES) == {"pan2023", "crawshaw2022", "cesista2025"}
