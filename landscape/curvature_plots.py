@@ -339,15 +339,27 @@ def sharpness_layers_bars(run: Run, step: int | None = None, ax: Axes | None = N
 # -- saving -----------------------------------------------------------------------------------------
 
 
-def save_curvature_figures(run: Run, out_dir: str | Path, fmt: str = "png", only: Sequence[str] | None = None
-                           ) -> list[Path]:
+def save_curvature_figures(run: Run, out_dir: str | Path, fmt: str = "png", only: Sequence[str] | None = None,
+                           *, width: str = "double", captions: bool = True, dpi: float | None = None) -> list[Path]:
     """Write the curvature figures the run has data for (names :data:`CURVATURE_FIGURE_NAMES`),
-    in paper style. Figures without data are skipped.
+    in paper style, each with its one-line caption (``<name>.txt`` and the file's metadata, as
+    :func:`landscape.plots.save_figures` does). Figures without data are skipped.
+
+    Args:
+        width: ``"double"`` (default: the wide figures span a two-column page) or ``"single"`` (every
+            figure one column wide).
+        captions: write the ``.txt`` caption files.
+        dpi: raster resolution (PNG).
 
     Returns:
         The paths written.
     """
     from matplotlib.figure import Figure
+
+    from landscape.plots import _save, figure_caption
+
+    if width not in ("single", "double"):
+        raise ValueError(f"width must be 'single' or 'double', got {width!r}")
 
     wanted = [n for n in CURVATURE_FIGURE_NAMES if only is None or n in only]
     out = Path(out_dir)
@@ -361,15 +373,18 @@ def save_curvature_figures(run: Run, out_dir: str | Path, fmt: str = "png", only
     written = []
     with paper_style():
         for name in wanted:
-            width, aspect, draw = specs[name]
-            fig = Figure(figsize=figsize(width, aspect), layout="constrained")
+            span, aspect, draw = specs[name]
+            if width == "single" and span == "double":
+                span, aspect = "single", min(1.0, 2 * aspect)
+            fig = Figure(figsize=figsize(span, aspect), layout="constrained")
             try:
                 draw(fig.add_subplot())
             except NoDataError:
                 continue
             out.mkdir(parents=True, exist_ok=True)
-            path = out / f"{name}.{fmt}"
-            metadata = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}.get(fmt)
-            fig.savefig(path, format=fmt, metadata=metadata)
+            caption = figure_caption(run, name) if captions else ""
+            path = _save(fig, out / f"{name}.{fmt}", fmt, caption, dpi)
+            if captions:
+                path.with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
             written.append(path)
     return written

@@ -1284,7 +1284,36 @@ def figure_caption(run: Run, name: str, step: int | None = None, *, directions: 
         return (f"Coordinate-wise smoothness |Δ∂_j f|/|Δx_j| against min(|∂_j f(x_t)|, |∂_j f(x_t+1)|) for sampled "
                 f"coordinates of a selection of layers, pooled over the measured steps, with the (L0, L1) envelope "
                 f"(Crawshaw et al. 2022, Fig. 3); {ctx}.")
+    curvature = _curvature_caption(run, name, ctx)
+    if curvature is not None:
+        return curvature
     return f"{name}; {ctx}."
+
+
+def _curvature_caption(run: Run, name: str, ctx: str) -> str | None:
+    """Captions of the curvature figures (:mod:`landscape.curvature_plots`)."""
+    def steps(table: str) -> str:
+        return _steps_text(run.steps(table))
+
+    if name == "edge_of_stability":
+        return (f"Top Hessian eigenvalue λ_max over training (and λ_max(P⁻¹H) of the preconditioned recipes) against "
+                f"the optimizer's stability threshold, e.g. 2/η for gradient descent (Cohen et al. 2021; 2022), at "
+                f"{steps('eigenvalues')}; {ctx}.")
+    if name == "eigenvalues":
+        return (f"Top (solid) and most negative (dashed) eigenvalues by Lanczos iteration, whole model, at "
+                f"{steps('eigenvalues')}; {ctx}.")
+    if name == "trace":
+        return (f"Trace estimates (Hutch++ solid, Hutchinson dotted) with ± 1 standard error, at {steps('trace')}; "
+                f"{ctx}.")
+    if name == "spectral_density":
+        last = (run.steps("density") or [None])[-1]
+        return (f"Spectral density by stochastic Lanczos quadrature (Ghorbani et al. 2019), Gaussian-smoothed, log "
+                f"scale, at step {last}; {ctx}.")
+    if name == "sharpness_layers":
+        last = (run.steps("sharpness_layers") or [None])[-1]
+        return (f"Each direction's sharpness ûᵀHû split into per-layer terms û_bᵀ(Hû)_b (stacked bars; they sum to "
+                f"the unshifted ûᵀHû at x) at step {last}; {ctx}.")
+    return None
 
 
 def _safe(name: str) -> str:
@@ -1426,7 +1455,7 @@ def save_figures(run: Run, out_dir: str | Path, fmt: str = "png", *, every_step:
             written.append(path)
     curvature = [n for n in CURVATURE_FIGURE_NAMES if n in wanted]
     if curvature:  # eigenvalues, traces, densities, edge of stability, per-layer bars (landscape.curvature_plots)
-        written += save_curvature_figures(run, out, fmt, only=curvature)
+        written += save_curvature_figures(run, out, fmt, only=curvature, width=width, captions=captions, dpi=dpi)
     return written
 
 

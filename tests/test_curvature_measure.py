@@ -107,6 +107,17 @@ def test_probe_records_curvature_at_its_cadence_and_plots_and_reports_it(tmp_pat
                                                                                "trace", "spectral_density",
                                                                                "sharpness_layers", "training_loss"])}
     assert {"edge_of_stability", "eigenvalues", "trace", "spectral_density", "sharpness_layers"} <= files
+    # each with its caption, as the other figures: what it shows, from which work, at which steps
+    caps = {n: (tmp_path / "figs" / f"{n}.txt").read_text() for n in files}
+    assert "Cohen et al. 2021" in caps["edge_of_stability"] and "3 measured steps (1–4)" in caps["edge_of_stability"]
+    assert "Ghorbani et al. 2019" in caps["spectral_density"] and "step 4" in caps["spectral_density"]
+    assert "2 measured steps (1–4)" in caps["trace"] and "step 4" in caps["sharpness_layers"]
+    from PIL import Image
+
+    wide = Image.open(tmp_path / "figs" / "edge_of_stability.png").size
+    save_figures(run, tmp_path / "single", "png", only=["edge_of_stability"], width="single", captions=False)
+    narrow = Image.open(tmp_path / "single" / "edge_of_stability.png").size
+    assert narrow[0] < 0.7 * wide[0] and not (tmp_path / "single" / "edge_of_stability.txt").exists()
     from landscape.report import report
 
     md = report(run, "md")
