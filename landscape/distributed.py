@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DistributedError", "Group", "assign_recipes", "dtensor_parameters", "unwrap"]
+__all__ = ["DistributedError", "Group", "assign_recipes", "dtensor_parameters", "same_on_every_rank", "unwrap"]
 
 
 class DistributedError(RuntimeError):
@@ -137,6 +137,21 @@ def assign_recipes(
         held[best] |= need
         load[best] = sum(size[s] for s in held[best])
     return [[r for r in recipes if chosen[r] == k] for k in range(world)]
+
+
+def same_on_every_rank(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (a broadcast; ``obj`` itself without a process group): e.g. the
+    first training batch as the probe batch, which a ``DistributedSampler`` makes differ per rank. Give
+    CPU tensors (the callbacks copy the batch to the CPU first)."""
+    group = Group.current()
+    if group is None:
+        return obj
+    box = [obj]
+    try:
+        group._dist.broadcast_object_list(box, src=0)
+    except Exception as e:  # noqa: BLE001
+        raise DistributedError(f"landscape probe: broadcasting the probe batch from rank 0 failed: {e}") from e
+    return box[0]
 
 
 def _json(obj: Any) -> str:

@@ -850,8 +850,9 @@ class Probe:
                     rows = self._measure(step, pending["x_t"])
                 else:
                     rows = self._measure_distributed(step, pending["x_t"])
-            except _PeerDisabled:
-                raise
+            except _PeerDisabled as e:
+                self._fail("the probe on another rank", e, disable=True)
+                return
             except Exception as e:  # noqa: BLE001 - a failed measurement is skipped, training goes on
                 self._fail("measurement", e, disable=False)
                 rows = {}

@@ -65,10 +65,12 @@ def make_model() -> nn.Module:
 
 
 def train(model: nn.Module, out: Path | None, rank: int = 0, world: int = 1, steps: int = STEPS,
-          probe_model: nn.Module | None = None, **probe_kwargs) -> tuple[list[float], ls.Probe | None]:
-    """``steps`` AdamW steps on the global batches (this rank's slice of each), with a probe on ``out``."""
+          probe_model: nn.Module | None = None, opt: torch.optim.Optimizer | None = None, start: int = 0,
+          **probe_kwargs) -> tuple[list[float], ls.Probe | None]:
+    """AdamW steps ``start..steps-1`` on the global batches (this rank's slice of each), with a probe on
+    ``out``."""
     batches, probe_batch = data()
-    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    opt = opt or torch.optim.AdamW(model.parameters(), lr=0.05)
     probe = None
     if out is not None:
         probe = ls.Probe(probe_model if probe_model is not None else model, loss_fn, probe_batch, out, every=EVERY,
@@ -76,7 +78,7 @@ def train(model: nn.Module, out: Path | None, rank: int = 0, world: int = 1, ste
         probe.attach(opt)
     losses = []
     per = GLOBAL // world
-    for x, y in batches[:steps]:
+    for x, y in batches[start:steps]:
         loss = loss_fn(model, (x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]))
         loss.backward()
         opt.step()
@@ -137,7 +139,29 @@ def scenario_ddp(folder: Path, rank: int, world: int) -> dict:
         result["fail_disabled"] = probe3.disabled if probe3 is not None else "none"
     finally:
         lp.measure_step = real
-    # 4. FSDP2: refused before anything is touched; training then goes on exactly as without the probe
+    # 4. a two-rank run stopped after step 3 and resumed by two ranks on the same folder
+    model4 = DDP(make_model())
+    opt4 = torch.optim.AdamW(model4.parameters(), lr=0.05)
+    train(model4, folder / "resumed", rank, world, steps=3, probe_model=model4, opt=opt4)
+    train(model4, folder / "resumed", rank, world, steps=STEPS, probe_model=model4, opt=opt4, start=3)
+    # 5. the recipes of rank 1 fail on a gradient at step 3: both probes switch off, training goes on
+    model5 = DDP(make_model())
+    opt5 = torch.optim.AdamW(model5.parameters(), lr=0.05)
+    batches, probe_batch = data()
+    probe5 = ls.Probe(model5, loss_fn, probe_batch, folder / "off", every=EVERY, settings=settings())
+    probe5.attach(opt5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, (x, y) in enumerate(batches):
+            if rank == 1 and i == 3:
+                probe5._pseudo.observe = lambda g: (_ for _ in ()).throw(RuntimeError("injected recipe failure"))
+            loss_fn(model5, (x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4])).backward()
+            opt5.step()
+            opt5.zero_grad()
+        probe5.close()
+    result["off"] = {"disabled": probe5.disabled, "warnings": [str(w.message) for w in caught if "landscape" in str(w.message)],
+                     "steps_trained": i + 1}
+    # 6. FSDP2: refused before anything is touched; training then goes on exactly as without the probe
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError as e:

@@ -198,6 +198,29 @@ def test_a_measurement_failing_on_one_rank_is_skipped_on_every_rank(ddp):
     assert any(e["kind"] == "measurement-failed" and "rank 1" in e["message"] for e in run.events())
 
 
+def test_a_two_rank_run_resumed_by_two_ranks_continues_the_same_trajectory(ddp):
+    folder, _, _ = ddp
+    one, resumed = load_run(folder / "ref"), load_run(folder / "resumed")
+    assert resumed.steps() == one.steps() == [1, 2, 4] and resumed.steps("steps") == [1, 2, 3, 4, 5]
+    assert any(e["kind"] == "resume" and "after step 3 on 2 ranks" in e["message"] for e in resumed.events())
+    for a, b in zip(resumed.rows("sharpness", step=4), one.rows("sharpness", step=4), strict=True):
+        assert a["direction"] == b["direction"]
+        tol = LATER_RTOL_CLIPPED if _clipped(a["direction"]) else LATER_RTOL_UNCLIPPED
+        assert _rel(a["sharpness"], b["sharpness"]) < tol, a["direction"]
+
+
+def test_a_rank_whose_probe_switches_off_switches_every_rank_off_without_hanging(ddp):
+    folder, results, _ = ddp
+    for r in results:
+        off = r["off"]
+        assert off["steps_trained"] == 5  # training went on
+        assert off["disabled"] is not None and ("rank 1" in off["disabled"] or r is results[1]), off
+        assert "injected recipe failure" in (off["disabled"] + " ".join(off["warnings"])) or r is results[0]
+    assert "switched itself off" in results[0]["off"]["disabled"]
+    run = load_run(folder / "off")
+    assert run.steps() == [1, 2]  # measured until rank 1 failed at step 4, then nothing
+
+
 def test_fsdp2_is_refused_before_anything_changes_and_training_goes_on_identically(ddp):
     _, results, _ = ddp
     for r in results:
