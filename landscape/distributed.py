@@ -17,6 +17,10 @@ What is divided (:class:`~landscape.Probe` does it when a process group is initi
 - **The run store** is opened and written by rank 0 alone; each rank saves its recipe states in its
   own file (``probe_state-<step>.rank<r>of<world>.pt``), and rank 0's commit names them all.
 
+FSDP2 (``fully_shard``): the probe measures on :func:`plain_replica`, a plain copy of the model with
+the full parameters (so the model must fit on one device); each step every rank gathers the full
+averaged gradient (``full_tensor()``) for its own recipes, sharded by recipe as under DDP.
+
 No hang: the ranks check at ``attach`` that every rank runs the probe with the same settings (through
 the process group's key-value store, not a collective, so a rank without a probe is named instead of
 waited for), and every later failure (a measurement that raises on one rank, a state file one rank
@@ -35,7 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DistributedError", "Group", "assign_recipes", "dtensor_parameters", "same_on_every_rank", "unwrap"]
+__all__ = ["DistributedError", "Group", "assign_recipes", "dtensor_parameters", "full_tensor", "plain_replica",
+           "same_on_every_rank", "unwrap"]
 
 
 class DistributedError(RuntimeError):
@@ -60,6 +65,61 @@ def dtensor_parameters(model: nn.Module) -> list[str]:
     except ImportError:  # pragma: no cover - torch built without distributed
         return []
     return [n for n, p in model.named_parameters() if isinstance(p, DTensor)]
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """The whole tensor of a ``DTensor`` (``full_tensor()``, a collective over its mesh); ``t`` otherwise."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return t
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def plain_replica(model: nn.Module) -> nn.Module:
+    """A plain copy of an FSDP2 (``fully_shard``) model: the same classes without FSDP's mixin, hooks or
+    state, each parameter a full ``nn.Parameter`` gathered with ``full_tensor()`` (a collective: every
+    rank calls it), buffers shared. The model itself is not touched. The probe measures on it, so the
+    model must fit on one device.
+
+    Raises:
+        DistributedError: a module that cannot be copied this way (then nothing was changed).
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    def copy(m: nn.Module) -> nn.Module:
+        cls: type = type(m)
+        if isinstance(m, FSDPModule):
+            plain = [b for b in cls.__bases__ if not issubclass(b, FSDPModule)]
+            if len(plain) != 1 or not issubclass(plain[0], nn.Module):
+                raise DistributedError(f"landscape probe: cannot find the module class under FSDP's {cls.__name__}")
+            cls = plain[0]
+        new = cls.__new__(cls)
+        state = {}
+        for k, v in m.__dict__.items():
+            if k.startswith("_composable") or "fsdp" in k.lower():
+                continue  # FSDP's own state
+            state[k] = type(v)() if "hook" in k and isinstance(v, dict) else v
+        state["_parameters"] = {
+            n: None if p is None else nn.Parameter(full_tensor(p.detach()).clone(), requires_grad=p.requires_grad)
+            for n, p in m._parameters.items()
+        }
+        state["_buffers"] = dict(m._buffers)
+        state["_modules"] = {n: None if c is None else copy(c) for n, c in m._modules.items()}
+        new.__dict__.update(state)
+        return new
+
+    try:
+        replica = copy(model)
+    except DistributedError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise DistributedError(f"landscape probe: could not build a plain replica of the FSDP2 model to measure on "
+                               f"({type(e).__name__}: {e}); nothing was changed") from e
+    left = dtensor_parameters(replica)
+    if left:
+        raise DistributedError(f"landscape probe: the replica still has DTensor parameters {left[:3]}")
+    return replica
 
 
 def _state_sets(params: Mapping[str, Tensor], recipes: Sequence[str], state_dtype: torch.dtype | None

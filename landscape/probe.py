@@ -45,7 +45,15 @@ from torch import Tensor, nn
 
 from landscape import tree
 from landscape._version import __version__
-from landscape.distributed import DistributedError, Group, assign_recipes, dtensor_parameters, unwrap
+from landscape.distributed import (
+    DistributedError,
+    Group,
+    assign_recipes,
+    dtensor_parameters,
+    full_tensor,
+    plain_replica,
+    unwrap,
+)
 from landscape.measure import MeasureSettings, measure_step
 from landscape.objective import Include, Objective
 from landscape.optim import PseudoUpdates, recipe_names
@@ -271,6 +279,10 @@ class Probe:
             its rows are committed: TensorBoard ``SummaryWriter`` objects, ``wandb`` runs, MLflow runs, functions (see
             :mod:`landscape.sinks` for the tags). A sink that fails is switched off alone.
 
+    Under torch.distributed (``torchrun``; DDP or FSDP2) create and attach the probe on every rank with
+    the same arguments: the recipes are divided among the ranks and rank 0 alone writes ``out`` (see
+    :mod:`landscape.distributed`). ``model`` may be the DDP-wrapped model or its inner module.
+
     Example:
         >>> probe = ls.Probe(model, loss_fn, probe_batch, out="runs/adam", every=50)   # doctest: +SKIP
         >>> with probe:                                                                 # doctest: +SKIP
@@ -309,14 +321,14 @@ class Probe:
         # torch.distributed: checked before anything of the model is touched (see landscape.distributed)
         self._group = Group.current()
         model = unwrap(model)  # DDP's / DataParallel's inner module: names without the "module." prefix
-        sharded = dtensor_parameters(model)
-        if sharded:
-            raise DistributedError(
-                f"landscape probe: parameters {sharded[:3]}{' ...' if len(sharded) > 3 else ''} are DTensors "
-                "(FSDP2's fully_shard or tensor parallelism): the probe measures full parameters and cannot be "
-                "attached to sharded ones yet; nothing was changed. Probe the model under DDP, or a replica "
-                "(see the README, 'Distributed training')"
-            )
+        self._fsdp: nn.Module | None = None  # the sharded model (FSDP2), whose gradients the probe reads
+        if dtensor_parameters(model):
+            if self._group is None:
+                raise DistributedError("landscape probe: the model has DTensor parameters but no process group "
+                                       "of more than one rank is initialised")
+            # FSDP2 (fully_shard): measured on a plain replica with the full parameters (landscape.distributed)
+            self._fsdp = model
+            model = plain_replica(model)
         if self._group is not None and save_points is not None:
             raise ValueError("save_points is not available under torch.distributed yet (each rank holds only its "
                              "own recipes' directions); save points in a one-process run")
@@ -373,7 +385,8 @@ class Probe:
         named = dict(self.model.named_parameters())
         if optimizer is None:
             return {n: p for n, p in named.items() if p.requires_grad}
-        by_id = {id(p): n for n, p in named.items()}
+        # FSDP2: the optimizer holds the sharded model's parameters; the replica's have the same names
+        by_id = {id(p): n for n, p in (self._fsdp or self.model).named_parameters()}
         chosen: dict[str, Tensor] = {}
         foreign = 0
         for group in optimizer.param_groups:
@@ -382,7 +395,7 @@ class Probe:
                 if n is None:
                     foreign += 1
                 else:
-                    chosen[n] = p
+                    chosen[n] = named[n]
         if foreign:
             warnings.warn(f"{foreign} optimizer parameter(s) do not belong to the probed model; they are ignored", stacklevel=3)
         if not chosen:
@@ -660,6 +673,13 @@ class Probe:
         if self._group is not None and not self._left:
             self.step += 1
             self._due_pending = self._is_due(self.step)
+            if self._fsdp is not None:  # the others gather the gradients (and at a due step x_t): join them
+                try:
+                    self._grads(None)
+                    if self._due_pending:
+                        self._snapshot()
+                except Exception:  # noqa: BLE001 - the others are gone
+                    self._left = True
 
     def _announce_if_due(self) -> None:
         if self._group is not None and self.disabled is not None and not self._left and self._due_pending:
@@ -790,6 +810,10 @@ class Probe:
         self._guarded(self._before_step, grads, stage="tracking")
 
     def _grads(self, grads: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+        if self._fsdp is not None and grads is None:  # FSDP2: each sharded gradient gathered (a collective)
+            live = dict(self._fsdp.named_parameters())
+            return {n: full_tensor(live[n].grad) if live[n].grad is not None else torch.zeros_like(self._params_of(n))
+                    for n in self._names}
         named = dict(self.model.named_parameters())
         if grads is None:
             out = {n: named[n].grad if named[n].grad is not None else torch.zeros_like(named[n]) for n in self._names}
@@ -809,6 +833,9 @@ class Probe:
         self.step += 1
         assert self._pseudo is not None
         g = self._grads(grads)
+        x_t = None
+        if self._fsdp is not None and self._is_due(self.step):  # its collectives before anything can fail
+            x_t = self._snapshot()
         row = {"step": self.step, "loss": self._pending_loss, "lr": self._lr(), "status": "ok", "reason": None}
         self._pending_loss = None
         try:
@@ -824,10 +851,18 @@ class Probe:
         row["grad_norm"] = gnorm
         due = self.step == 1 or self.step % self.every == 0
         keep = self._keep(self.step)
-        self._pending = {"row": row, "x_t": self._snapshot() if due or keep else None, "due": due, "keep": keep}
+        if x_t is None and (due or keep):
+            x_t = self._snapshot()
+        self._pending = {"row": row, "x_t": x_t, "due": due, "keep": keep}
         self.timings["tracking"] += time.perf_counter() - t0
 
+    def _params_of(self, name: str) -> Tensor:
+        return dict(self.model.named_parameters())[name]
+
     def _snapshot(self) -> dict[str, Tensor]:
+        if self._fsdp is not None:  # FSDP2: the full parameters, gathered (a collective)
+            live = dict(self._fsdp.named_parameters())
+            return {n: full_tensor(live[n]).detach().clone() for n in self._names}
         named = dict(self.model.named_parameters())
         return {n: named[n].detach().clone() for n in self._names}
 
@@ -937,6 +972,8 @@ class Probe:
         g = self._group
         assert g is not None and self._pseudo is not None and self._store is not None
         names = self.objective.names
+        self._sync({})  # a rank that switched off says so here, before any other collective
+        self._synced_step = step
         x_next = self._snapshot()
         local: dict[str, dict[str, Tensor]] = {}
         err = None
@@ -951,8 +988,7 @@ class Probe:
             local = {k: {n: u[n] for n in names} for k, u in local.items()}
         except Exception as e:  # noqa: BLE001 - told to every rank below
             err = _text(e)
-        status = self._sync({"error": err, "names": list(local)})
-        self._synced_step = step
+        status = self._group.all_gather_object({"error": err, "names": list(local)})
         failed = [(r, p["error"]) for r, p in enumerate(status) if p["error"]]
         if failed:
             raise DistributedError(f"the directions of rank {failed[0][0]} could not be computed: {failed[0][1]}")
@@ -1196,7 +1232,7 @@ class Probe:
                 except ValueError:
                     continue
                 out[recipe] = {n: P[n] for n in names}
-        trained_here = self._group is None or self._group.rank == self._trained_rank
+        trained_here = self._fsdp is None and (self._group is None or self._group.rank == self._trained_rank)
         if trained_here and isinstance(self._optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             try:
                 P = adam_preconditioner(self._optimizer, self.model)

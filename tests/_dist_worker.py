@@ -161,27 +161,76 @@ def scenario_ddp(folder: Path, rank: int, world: int) -> dict:
         probe5.close()
     result["off"] = {"disabled": probe5.disabled, "warnings": [str(w.message) for w in caught if "landscape" in str(w.message)],
                      "steps_trained": i + 1}
-    # 6. FSDP2: refused before anything is touched; training then goes on exactly as without the probe
+    # 6. FSDP2: the probe reads the sharded gradients and measures on a plain replica; training goes on
+    # exactly as without the probe
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError as e:
         result["fsdp"] = {"unavailable": str(e)}
         return result
-    fsdp = {}
+    fsdp: dict = {}
     plain = make_model()
+    fully_shard(plain.fc1)
     fully_shard(plain)
     fsdp["plain"], _ = train(plain, None, rank, world)
     probed = make_model()
+    fully_shard(probed.fc1)  # nested: one parameter group per layer, and the root
     fully_shard(probed)
     try:
-        train(probed, folder / "fsdp", rank, world, steps=0)
+        fsdp["after"], probe6 = train(probed, folder / "fsdp", rank, world)
         fsdp["probe"] = None
+        fsdp["disabled"] = probe6.disabled if probe6 is not None else "none"
+        fsdp["state_bytes"] = probe6._pseudo.state_bytes() if probe6 is not None and probe6._pseudo is not None else None
     except Exception as e:  # noqa: BLE001
         fsdp["probe"] = _error(e)
-    fsdp["after"], _ = train(probed, None, rank, world)
-    fsdp["store_created"] = (folder / "fsdp").exists()
+        fsdp["traceback"] = traceback.format_exc()
+    fsdp["params_equal"] = all(torch.equal(a.full_tensor(), b.full_tensor())
+                               for a, b in zip(plain.parameters(), probed.parameters(), strict=True))
+    # an embedding (the layer that failed with "got mixed torch.Tensor and DTensor" before)
+    runs = []
+    for with_probe in (False, True):
+        torch.manual_seed(0)
+        emb = Tokens()
+        fully_shard(emb.emb)
+        fully_shard(emb)
+        opt = torch.optim.AdamW(emb.parameters(), lr=0.05)
+        g = torch.Generator().manual_seed(3)
+        idx, y = torch.randint(0, 7, (4, 5), generator=g), torch.randint(0, 7, (4, 5), generator=g)
+        probe = None
+        if with_probe:
+            probe = ls.Probe(emb, token_loss, (idx, y), folder / "fsdp-emb", every=2, recipes=["sgd", "adam", "lion"],
+                             settings=settings())
+            probe.attach(opt)
+        losses = []
+        for _ in range(3):
+            loss = token_loss(emb, (idx[rank * 2:(rank + 1) * 2], y[rank * 2:(rank + 1) * 2]))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(float(loss.detach()))
+        if probe is not None:
+            probe.close()
+            fsdp["emb_disabled"] = probe.disabled
+        runs.append((losses, [p.full_tensor() for p in emb.parameters()]))
+    fsdp["emb_losses_equal"] = runs[0][0] == runs[1][0]
+    fsdp["emb_params_equal"] = all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
     result["fsdp"] = fsdp
     return result
+
+
+class Tokens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.head = nn.Linear(4, 7)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(idx)))
+
+
+def token_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    idx, y = batch
+    return F.cross_entropy(model(idx).reshape(-1, 7), y.reshape(-1))
 
 
 def scenario_rank0_only(folder: Path, rank: int, world: int) -> dict:
