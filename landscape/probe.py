@@ -323,9 +323,6 @@ class Probe:
         model = unwrap(model)  # DDP's / DataParallel's inner module: names without the "module." prefix
         self._fsdp: nn.Module | None = None  # the sharded model (FSDP2), whose gradients the probe reads
         if dtensor_parameters(model):
-            if self._group is None:
-                raise DistributedError("landscape probe: the model has DTensor parameters but no process group "
-                                       "of more than one rank is initialised")
             # FSDP2 (fully_shard): measured on a plain replica with the full parameters (landscape.distributed)
             self._fsdp = model
             model = plain_replica(model)

@@ -161,6 +161,17 @@ def scenario_ddp(folder: Path, rank: int, world: int) -> dict:
         probe5.close()
     result["off"] = {"disabled": probe5.disabled, "warnings": [str(w.message) for w in caught if "landscape" in str(w.message)],
                      "steps_trained": i + 1}
+    # 7. the manual form (probe.observe before each step, as the Lightning callback calls it)
+    model7 = DDP(make_model())
+    opt7 = torch.optim.AdamW(model7.parameters(), lr=0.05)
+    probe7 = ls.Probe(model7, loss_fn, probe_batch, folder / "manual", every=EVERY, settings=settings())
+    for x, y in batches:
+        loss_fn(model7, (x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4])).backward()
+        probe7.observe(optimizer=opt7)
+        opt7.step()
+        opt7.zero_grad()
+    probe7.close()
+    result["manual_disabled"] = probe7.disabled
     # 6. FSDP2: the probe reads the sharded gradients and measures on a plain replica; training goes on
     # exactly as without the probe
     try:

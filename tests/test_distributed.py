@@ -166,6 +166,12 @@ def test_ddp_store_equals_one_process_run(ddp):
     assert not any(r["disabled"] for r in results)
 
 
+def test_ddp_manual_form_store_equals_one_process_run(ddp):
+    folder, results, _ = ddp
+    assert not any(r["manual_disabled"] for r in results)
+    _assert_same_store(folder, "manual")
+
+
 def test_ddp_state_memory_is_divided_among_ranks(ddp):
     from landscape.optim import PseudoUpdates, recipe_names
 
@@ -252,3 +258,32 @@ def test_probe_on_rank_0_only_raises_instead_of_hanging(tmp_path):
     assert "ranks [1] of 2 did not start a probe" in err["message"] and "every rank" in err["message"]
     assert results[1]["error"] is not None  # rank 1's all-reduce ends when rank 0 gives up: no hang
     assert not (tmp_path / "rank0").exists()  # nothing was written
+
+
+def test_fsdp2_on_one_rank_measures_on_a_replica_like_a_plain_run(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    sys.path.insert(0, str(ROOT))
+    from tests import _dist_worker as worker
+
+    worker.single(tmp_path / "ref")
+    store = dist.TCPStore("127.0.0.1", _free_port(), 1, True)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        plain = worker.make_model()
+        fully_shard(plain)
+        losses_plain, _ = worker.train(plain, None)
+        model = worker.make_model()
+        fully_shard(model)
+        losses, probe = worker.train(model, tmp_path / "fsdp")
+        assert probe is not None and probe.disabled is None
+        assert losses == losses_plain
+        assert all(torch.equal(a.full_tensor(), b.full_tensor()) for a, b in zip(plain.parameters(), model.parameters()))
+    finally:
+        dist.destroy_process_group()
+    one, fsdp = load_run(tmp_path / "ref"), load_run(tmp_path / "fsdp")
+    assert fsdp.settings == one.settings and fsdp.steps() == one.steps()
+    for step in one.steps():
+        for a, b in zip(fsdp.rows("sharpness", step=step), one.rows("sharpness", step=step), strict=True):
+            assert a["direction"] == b["direction"] and _rel(a["sharpness"], b["sharpness"]) < FIRST_STEP_RTOL
