@@ -39,13 +39,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DistributedError", "Group", "assign_recipes", "dtensor_parameters", "full_tensor", "plain_replica",
+__all__ = ["CollectiveError", "DistributedError", "Group", "assign_recipes", "dtensor_parameters", "full_tensor", "plain_replica",
            "same_on_every_rank", "unwrap"]
 
 
 class DistributedError(RuntimeError):
     """The ranks of a distributed job disagree (a probe on some ranks only, other settings on one rank),
     or one rank failed: raised on every rank that runs the probe."""
+
+
+class CollectiveError(DistributedError):
+    """A collective of the probe failed (a rank died, left or timed out): the probe switches off on this
+    rank and tries no collective again."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -247,17 +252,12 @@ class Group:
         return cls()
 
     # ------------------------------------------------------------------ collectives
-    def _object_device(self) -> torch.device | None:
-        if self.backend == "nccl" and torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        return None
-
     def all_gather_object(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.world
         try:
             self._dist.all_gather_object(out, obj)
         except Exception as e:  # noqa: BLE001 - a rank died or timed out: no collective is tried again
-            raise DistributedError(f"landscape probe: a collective failed on rank {self.rank} (another rank "
+            raise CollectiveError(f"landscape probe: a collective failed on rank {self.rank} (another rank "
                                    f"failed, left or timed out): {type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
         return out
 
@@ -346,7 +346,7 @@ class Group:
             try:
                 self._dist.all_gather(parts, flat)
             except Exception as e:  # noqa: BLE001
-                raise DistributedError(f"landscape probe: all_gather of the directions failed on rank {self.rank}: "
+                raise CollectiveError(f"landscape probe: all_gather of the directions failed on rank {self.rank}: "
                                        f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
             block = torch.stack([parts[owner[n]][names_of[owner[n]].index(n)].double() for n in order])
             gram += (block @ block.T).cpu()

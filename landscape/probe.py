@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from landscape import tree
 from landscape._version import __version__
 from landscape.distributed import (
+    CollectiveError,
     DistributedError,
     Group,
     assign_recipes,
@@ -882,8 +883,8 @@ class Probe:
                     rows = self._measure(step, pending["x_t"])
                 else:
                     rows = self._measure_distributed(step, pending["x_t"])
-            except _PeerDisabled as e:
-                self._fail("the probe on another rank", e, disable=True)
+            except (_PeerDisabled, CollectiveError) as e:  # every rank switches off; no collective again
+                self._fail("the probe on another rank" if isinstance(e, _PeerDisabled) else "a collective", e, disable=True)
                 return
             except Exception as e:  # noqa: BLE001 - a failed measurement is skipped, training goes on
                 self._fail("measurement", e, disable=False)
@@ -1081,6 +1082,7 @@ class Probe:
         if self.save_state and self._pseudo is not None and self._pseudo.step:
             name = _state_file_name(self.step, g.rank, g.world)
             try:
+                self.out.mkdir(parents=True, exist_ok=True)  # on a node without rank 0's file system
                 _atomic_save(self._shard_state(), self.out / name)
             except Exception as e:  # noqa: BLE001 - told to every rank below
                 err = _text(e)
