@@ -111,7 +111,7 @@ _LAZY: dict[str, str] = {
         "fit_l0_l1", "fit_per_layer", "local_smoothness", "robust_smoothness")},
     **{n: "landscape.store" for n in ("Run", "RunLockedError", "RunMismatchError", "RunStore", "load_run")},
 }
-_SUBMODULES = ("linops", "optim", "planes", "references", "smoothness", "tree")
+_SUBMODULES = ("distributed", "linops", "optim", "planes", "references", "smoothness", "tree")
 
 __all__ = [
     "__version__",

@@ -27,6 +27,8 @@ measurements) are dropped, and the probe says so. For resume from your own train
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import math
 import os
@@ -43,6 +45,16 @@ from torch import Tensor, nn
 
 from landscape import tree
 from landscape._version import __version__
+from landscape.distributed import (
+    CollectiveError,
+    DistributedError,
+    Group,
+    assign_recipes,
+    dtensor_parameters,
+    full_tensor,
+    plain_replica,
+    unwrap,
+)
 from landscape.measure import MeasureSettings, measure_step
 from landscape.objective import Include, Objective
 from landscape.optim import PseudoUpdates, recipe_names
@@ -61,8 +73,79 @@ class ResumeError(RunMismatchError):
     recipe states are missing)."""
 
 
-def _state_file_name(step: int) -> str:
-    return f"{_STATE_PREFIX}{step:012d}.pt"
+def _state_file_name(step: int, rank: int | None = None, world: int | None = None) -> str:
+    """``probe_state-<step>.pt``; under torch.distributed each rank's own ``probe_state-<step>.rank<r>of<w>.pt``."""
+    if rank is None:
+        return f"{_STATE_PREFIX}{step:012d}.pt"
+    return f"{_STATE_PREFIX}{step:012d}.rank{rank}of{world}.pt"
+
+
+def _text(e: BaseException) -> str:
+    return f"{type(e).__name__}: " + " ".join(str(e).split())[:300]
+
+
+class _PeerDisabled(DistributedError):
+    """Another rank's probe switched itself off: every rank follows (no collective is waited for again)."""
+
+
+class _NullStore:
+    """The run store of a rank other than 0: rows are rank 0's to write; events are kept and sent to rank
+    0 at the next commit."""
+
+    def __init__(self) -> None:
+        self._t0 = time.perf_counter()
+        self.events: list[tuple[int | None, str, str]] = []
+        self.closed = False
+
+    def write(self, table: str, rows: Any) -> int:
+        return len(rows) if isinstance(rows, list) else 1
+
+    def log_event(self, step: int | None, kind: str, message: str) -> None:
+        self.events.append((step, kind, message))
+
+    def take_events(self) -> list[tuple[int | None, str, str]]:
+        out, self.events = self.events, []
+        return out
+
+    @contextlib.contextmanager
+    def transaction(self) -> Any:
+        yield self
+
+    def set_meta(self, key: str, value: Any) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> dict[str, int]:
+        return {}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._t0
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _NoRecipes:
+    """The recipe states of a rank that holds none (more ranks than recipes): counts steps only."""
+
+    names: list[str] = []
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def observe(self, grads: Mapping[str, Tensor]) -> None:
+        self.step += 1
+
+    def directions(self, names: Iterable[str] | None = None) -> dict[str, dict[str, Tensor]]:
+        return {}
+
+    def state_bytes(self) -> int:
+        return 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "moments": {}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step = int(state["step"])
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -197,6 +280,10 @@ class Probe:
             its rows are committed: TensorBoard ``SummaryWriter`` objects, ``wandb`` runs, MLflow runs, functions (see
             :mod:`landscape.sinks` for the tags). A sink that fails is switched off alone.
 
+    Under torch.distributed (``torchrun``; DDP or FSDP2) create and attach the probe on every rank with
+    the same arguments: the recipes are divided among the ranks and rank 0 alone writes ``out`` (see
+    :mod:`landscape.distributed`). ``model`` may be the DDP-wrapped model or its inner module.
+
     Example:
         >>> probe = ls.Probe(model, loss_fn, probe_batch, out="runs/adam", every=50)   # doctest: +SKIP
         >>> with probe:                                                                 # doctest: +SKIP
@@ -232,6 +319,19 @@ class Probe:
     ) -> None:
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
+        # torch.distributed: checked before anything of the model is touched (see landscape.distributed)
+        self._group = Group.current()
+        model = unwrap(model)  # DDP's / DataParallel's inner module: names without the "module." prefix
+        self._fsdp: nn.Module | None = None  # the sharded model (FSDP2), whose gradients the probe reads
+        if dtensor_parameters(model):
+            # FSDP2 (fully_shard): measured on a plain replica with the full parameters (landscape.distributed)
+            self._fsdp = model
+            model = plain_replica(model)
+        if self._group is not None and save_points is not None:
+            raise ValueError("save_points is not available under torch.distributed yet (each rank holds only its "
+                             "own recipes' directions); save points in a one-process run")
+        if self._group is not None and self._group.rank != 0:
+            progress = False  # rank 0 speaks for the job
         self._keep = _keep_rule(save_points)
         self._keep_directions = save_directions if isinstance(save_directions, bool) else list(save_directions)
         self.model = model
@@ -272,13 +372,19 @@ class Probe:
         self._progress = probe_printer(progress)
         self._own_progress = self._progress is not None and not isinstance(progress, Progress)
         self.sinks = SinkSet(sinks)  # trackers fed after each commit (landscape.sinks)
+        self._left = False  # distributed: this rank no longer meets the others in collectives
+        self._due_pending = False  # distributed, switched off: the others will wait for this rank at this step
+        self._synced_step = -1  # distributed: the last step whose measurement the ranks met for
+        self._trained_rank = 0
+        self._shards: list[list[str]] = []
 
     # ------------------------------------------------------------------ setup
     def _trained_params(self, optimizer: torch.optim.Optimizer | None) -> dict[str, Tensor]:
         named = dict(self.model.named_parameters())
         if optimizer is None:
             return {n: p for n, p in named.items() if p.requires_grad}
-        by_id = {id(p): n for n, p in named.items()}
+        # FSDP2: the optimizer holds the sharded model's parameters; the replica's have the same names
+        by_id = {id(p): n for n, p in (self._fsdp or self.model).named_parameters()}
         chosen: dict[str, Tensor] = {}
         foreign = 0
         for group in optimizer.param_groups:
@@ -287,7 +393,7 @@ class Probe:
                 if n is None:
                     foreign += 1
                 else:
-                    chosen[n] = p
+                    chosen[n] = named[n]
         if foreign:
             warnings.warn(f"{foreign} optimizer parameter(s) do not belong to the probed model; they are ignored", stacklevel=3)
         if not chosen:
@@ -337,6 +443,9 @@ class Probe:
             "command": " ".join(sys.argv),
             **self._extra_meta,
         }
+        if self._group is not None:
+            self._open_distributed(params, settings, meta, optimizer)
+            return
         self._store = RunStore(self.out, settings=settings, meta=meta)
         try:
             self._pseudo = PseudoUpdates(
@@ -349,6 +458,118 @@ class Probe:
             self._pseudo = None
             raise
 
+    def _open_distributed(self, params: Mapping[str, Tensor], settings: dict[str, Any], meta: dict[str, Any],
+                          optimizer: torch.optim.Optimizer | None) -> None:
+        """Under torch.distributed: check every rank runs the same probe, divide the recipes among the
+        ranks, open the store on rank 0 only, and resume each rank's shard. A failure on any rank raises on
+        every rank (landscape.distributed)."""
+        g = self._group
+        assert g is not None
+        shards = assign_recipes(params, self.recipes, g.world, state_dtype=self._state_dtype)
+        counts = [len(x) for x in shards]
+        # the trained step goes where the fewest directions are (rank 0 when it holds no recipe)
+        self._trained_rank = 0 if not shards[0] else min(range(g.world), key=lambda k: (counts[k], -k))
+        self._shards = shards
+        g.handshake({"settings": settings, "world": g.world, "recipes_by_rank": shards, "trained": self._names})
+        meta = {**meta, "distributed": {"world": g.world, "backend": g.backend, "recipes_by_rank": shards,
+                                        "trained_direction_rank": self._trained_rank}}
+        self._store = g.agree(lambda: RunStore(self.out, settings=settings, meta=meta) if g.rank == 0 else _NullStore(),
+                              "opening the run store")
+        try:
+            mine = shards[g.rank]
+            local = {n: p.detach() for n, p in params.items()}
+            self._pseudo = g.agree(
+                lambda: PseudoUpdates(local, mine, state_dtype=self._state_dtype) if mine else _NoRecipes(),
+                "building the recipe states")
+            self._resume_distributed(optimizer)
+        except BaseException:
+            self._store.close()
+            self._store = None
+            self._pseudo = None
+            raise
+
+    def _world_error(self, saved: int, what: str) -> ResumeError:
+        g = self._group
+        now = g.world if g is not None else 1
+        return ResumeError(
+            f"run folder {self.out}: {what} written by {saved} process(es), but this job has {now}: the recipe "
+            f"states are divided among the ranks, so the run resumes only with the same world size. Resume it "
+            f"with {saved} process(es) (torchrun --nproc_per_node {saved}), or write to a new out folder"
+        )
+
+    def _resume_distributed(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """:meth:`_resume` under torch.distributed: rank 0 reads the folder, every rank loads its own state
+        file; a refusal on any rank (another world size, a missing file, another optimizer step) is raised
+        on every rank."""
+        g = self._group
+        assert g is not None and self._store is not None and self._pseudo is not None
+
+        def read() -> dict[str, Any] | None:
+            if g.rank != 0:
+                return None
+            run = self._store.run()  # type: ignore[union-attr]
+            pointer = run.meta.get("probe_state")
+            return {"done": len(run.steps("steps")), "pointer": pointer if isinstance(pointer, dict) else None,
+                    "legacy": (self.out / _STATE_FILE).is_file()}
+
+        info = g.all_gather_object(g.agree(read, "reading the run folder"))[0]
+
+        def load() -> tuple[Mapping[str, Any], str] | None:
+            pointer = info["pointer"]
+            state: Mapping[str, Any] | None = None
+            source = ""
+            if self._loaded_state is not None:
+                loaded = self._loaded_state
+                saved = int(loaded.get("world", 1))
+                if saved != g.world:
+                    raise self._world_error(saved, "the state_dict given to load_state_dict was")
+                shards = loaded.get("shards")
+                if shards is None:
+                    raise ResumeError(
+                        f"load_state_dict on rank {g.rank} was given the stub Probe.state_dict() returns on ranks "
+                        "other than 0: give every rank the state_dict() rank 0 returned (it holds every rank's part)")
+                state = {**loaded, "pseudo": shards[g.rank]}
+                source = "the state_dict given to load_state_dict"
+            elif pointer is not None and "file" in pointer:
+                saved = int(pointer.get("world", 1))
+                if saved != g.world:
+                    raise self._world_error(saved, "its recipe states were")
+                path = self.out / str(pointer["files"][g.rank])
+                if not path.is_file():
+                    raise ResumeError(
+                        f"run folder {self.out}: the recipe states of rank {g.rank}, {path.name} (step "
+                        f"{pointer.get('step')}), are missing, so it cannot be resumed on the same trajectory; "
+                        "write to a new out folder")
+                state, source = torch.load(path, weights_only=True, map_location="cpu"), path.name
+            elif info["legacy"] and info["done"]:
+                raise self._world_error(1, "its recipe states were")
+            if state is None:
+                if info["done"]:
+                    raise ResumeError(
+                        f"run folder {self.out} holds {info['done']} training steps but no saved recipe states, so it "
+                        "cannot be resumed on the same trajectory; write to a new out folder")
+                self._check_optimizer_step(optimizer, 0)
+                return None
+            self._check_optimizer_step(optimizer, int(state["step"]))
+            self._pseudo.load_state_dict(state["pseudo"])  # type: ignore[union-attr]
+            return state, source
+
+        loaded = g.agree(load, "resuming the run folder")
+        if loaded is None:
+            return
+        state, source = loaded
+        step = int(state["step"])
+        self._measurements = int(state.get("measurements", 0))
+        self.restored_extra_state = state.get("extra")
+        self.step = step
+        if g.rank == 0:
+            dropped = self._store.truncate_after(step)
+            message = f"resumed after step {step} on {g.world} ranks: recipe states and {self._measurements} measurement(s)"
+            if sum(dropped.values()):
+                message += f"; dropped {dropped.get('steps', 0)} step row(s) recorded after step {step}"
+            self._store.log_event(step, "resume", message)
+            print(f"landscape: {self.out}: {message}", file=sys.stderr)
+
     def _resume(self, optimizer: torch.optim.Optimizer | None) -> None:
         """Continue a run folder from its saved state, or refuse (see the module docstring)."""
         assert self._store is not None and self._pseudo is not None
@@ -359,7 +580,11 @@ class Probe:
         source = ""
         if self._loaded_state is not None:
             state, source = self._loaded_state, "the state_dict given to load_state_dict"
+            if int(state.get("world", 1)) != 1:
+                raise self._world_error(int(state["world"]), "the state_dict given to load_state_dict was")
         elif isinstance(pointer, dict) and "file" in pointer:
+            if int(pointer.get("world", 1)) != 1:
+                raise self._world_error(int(pointer["world"]), "its recipe states were")
             path = self.out / str(pointer["file"])
             if not path.is_file():
                 raise ResumeError(
@@ -431,12 +656,58 @@ class Probe:
         if self._store is None:
             self._open(optimizer)
         pre = optimizer.register_step_pre_hook(self._pre_hook)
-        post = optimizer.register_step_post_hook(lambda opt, args, kwargs: self._guarded(self._after_step))
+        post = optimizer.register_step_post_hook(self._post_hook)
         self._handle = ProbeHandle([pre, post])
         return self._handle
 
+    def _post_hook(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
+        self._guarded(self._after_step)
+        self._announce_if_due()
+
+    # A rank whose probe switched itself off on its own (a recipe failed on its gradients) keeps counting
+    # steps and tells the others at the next point where they wait for it (a measurement or close), so
+    # that they switch off too instead of waiting in a collective.
+    def _count_disabled_step(self) -> None:
+        if self._group is not None and not self._left:
+            self.step += 1
+            self._due_pending = self._is_due(self.step)
+            if self._fsdp is not None:  # the others gather the gradients (and at a due step x_t): join them
+                try:
+                    self._grads(None)
+                    if self._due_pending:
+                        self._snapshot()
+                except Exception:  # noqa: BLE001 - the others are gone
+                    self._left = True
+
+    def _announce_if_due(self) -> None:
+        if self._group is not None and self.disabled is not None and not self._left and self._due_pending:
+            self._announce()
+
+    def _announce(self) -> None:
+        self._left = True
+        self._due_pending = False
+        try:
+            self._group.all_gather_object({"disabled": self.disabled})  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - the others may be gone already
+            pass
+
+    def _is_due(self, step: int) -> bool:
+        return step == 1 or step % self.every == 0
+
+    def _sync(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
+        """The first exchange of every point where the ranks meet (a measurement, a commit): raises
+        :class:`_PeerDisabled` on every rank when one rank's probe has switched itself off."""
+        assert self._group is not None
+        out = self._group.all_gather_object({"disabled": None, **payload})
+        off = [(r, p["disabled"]) for r, p in enumerate(out) if p.get("disabled")]
+        if off:
+            r, why = off[0]
+            raise _PeerDisabled(f"the probe of rank {r} switched itself off ({why})")
+        return out
+
     def _pre_hook(self, optimizer: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self.disabled is not None:
+            self._count_disabled_step()
             return None
         # torch passes the step's own args, the optimizer first: step(self, closure=None)
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
@@ -478,6 +749,11 @@ class Probe:
         self.last_error = message
         if disable:
             self.disabled = message
+            if self._group is not None:
+                # agreed on every rank (a _sync or Group.agree failure), or a collective that failed: no
+                # rank waits for this one again. Otherwise it tells the others at the next meeting point.
+                self._left = isinstance(e, DistributedError) or "agreed" in getattr(e, "__dict__", {})
+                self._due_pending = self._is_due(self.step) and self._synced_step != self.step
             self._pending = None
             self._step_rows = []
             self._pseudo = None  # give the recipe states' memory back
@@ -518,6 +794,8 @@ class Probe:
         if self._store is None:
             self._open(optimizer)
         if self.disabled is not None:
+            self._announce_if_due()
+            self._count_disabled_step()
             return
         if grads is not None:  # the caller's mistakes are the caller's: checked before anything else
             missing = [n for n in self._names if n not in grads]
@@ -530,6 +808,10 @@ class Probe:
         self._guarded(self._before_step, grads, stage="tracking")
 
     def _grads(self, grads: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+        if self._fsdp is not None and grads is None:  # FSDP2: each sharded gradient gathered (a collective)
+            live = dict(self._fsdp.named_parameters())
+            return {n: full_tensor(live[n].grad) if live[n].grad is not None else torch.zeros_like(self._params_of(n))
+                    for n in self._names}
         named = dict(self.model.named_parameters())
         if grads is None:
             out = {n: named[n].grad if named[n].grad is not None else torch.zeros_like(named[n]) for n in self._names}
@@ -549,6 +831,9 @@ class Probe:
         self.step += 1
         assert self._pseudo is not None
         g = self._grads(grads)
+        x_t = None
+        if self._fsdp is not None and self._is_due(self.step):  # its collectives before anything can fail
+            x_t = self._snapshot()
         row = {"step": self.step, "loss": self._pending_loss, "lr": self._lr(), "status": "ok", "reason": None}
         self._pending_loss = None
         try:
@@ -564,10 +849,18 @@ class Probe:
         row["grad_norm"] = gnorm
         due = self.step == 1 or self.step % self.every == 0
         keep = self._keep(self.step)
-        self._pending = {"row": row, "x_t": self._snapshot() if due or keep else None, "due": due, "keep": keep}
+        if x_t is None and (due or keep):
+            x_t = self._snapshot()
+        self._pending = {"row": row, "x_t": x_t, "due": due, "keep": keep}
         self.timings["tracking"] += time.perf_counter() - t0
 
+    def _params_of(self, name: str) -> Tensor:
+        return dict(self.model.named_parameters())[name]
+
     def _snapshot(self) -> dict[str, Tensor]:
+        if self._fsdp is not None:  # FSDP2: the full parameters, gathered (a collective)
+            live = dict(self._fsdp.named_parameters())
+            return {n: full_tensor(live[n]).detach().clone() for n in self._names}
         named = dict(self.model.named_parameters())
         return {n: named[n].detach().clone() for n in self._names}
 
@@ -586,7 +879,13 @@ class Probe:
         step = pending["row"]["step"]
         try:
             try:
-                rows = self._measure(step, pending["x_t"])
+                if self._group is None:
+                    rows = self._measure(step, pending["x_t"])
+                else:
+                    rows = self._measure_distributed(step, pending["x_t"])
+            except (_PeerDisabled, CollectiveError) as e:  # every rank switches off; no collective again
+                self._fail("the probe on another rank" if isinstance(e, _PeerDisabled) else "a collective", e, disable=True)
+                return
             except Exception as e:  # noqa: BLE001 - a failed measurement is skipped, training goes on
                 self._fail("measurement", e, disable=False)
                 rows = {}
@@ -651,10 +950,186 @@ class Probe:
         self.last_timings = rows.pop("_timings", [{}])[0]
         return rows
 
+    # ------------------------------------------------------------------ torch.distributed
+    def _rank_settings(self) -> MeasureSettings:
+        """This rank's part of the measurement: its directions everywhere; cosines by collectives (so off
+        in measure_step); smoothness, robust smoothness, eigenvalues, traces and densities on rank 0."""
+        g = self._group
+        assert g is not None
+        st = dataclasses.replace(self.settings, cosine=False)
+        if g.rank != 0:
+            curv = st.curvature
+            if curv is not None:
+                curv = dataclasses.replace(curv, eig_every=0, trace_every=0, density_every=0)
+            st = dataclasses.replace(st, smoothness=False, robust_every=0, curvature=curv)
+        return st
+
+    def _measure_distributed(self, step: int, x_t: dict[str, Tensor]) -> dict[str, list[dict[str, Any]]]:
+        """:meth:`_measure` with the directions divided among the ranks (landscape.distributed); returns
+        the merged rows on rank 0 and ``{}`` elsewhere. A failure on any rank raises on every rank."""
+        g = self._group
+        assert g is not None and self._pseudo is not None and self._store is not None
+        names = self.objective.names
+        self._sync({})  # a rank that switched off says so here, before any other collective
+        self._synced_step = step
+        x_next = self._snapshot()
+        local: dict[str, dict[str, Tensor]] = {}
+        err = None
+        try:
+            local = self._pseudo.directions() if self._pseudo.names else {}
+            if g.rank == self._trained_rank:
+                real = tree.sub(x_t, x_next)
+                if float(tree.norm({n: real[n] for n in names})) > 0:
+                    local[str(self.trained_name)] = real
+                else:
+                    self._store.log_event(step, "warning", "the optimizer did not move the measured parameters this step")
+            local = {k: {n: u[n] for n in names} for k, u in local.items()}
+        except Exception as e:  # noqa: BLE001 - told to every rank below
+            err = _text(e)
+        status = self._group.all_gather_object({"error": err, "names": list(local)})
+        failed = [(r, p["error"]) for r, p in enumerate(status) if p["error"]]
+        if failed:
+            raise DistributedError(f"the directions of rank {failed[0][0]} could not be computed: {failed[0][1]}")
+        owner = {n: r for r, p in enumerate(status) for n in p["names"]}
+        order = [n for n in [*self.recipes, str(self.trained_name)] if n in owner]
+        cosine: list[dict[str, Any]] = []
+        if self.settings.cosine and len(order) > 1:
+            gram = torch.from_numpy(g.gram(local, order, owner, {n: x_t[n] for n in names}))
+            norms = gram.diag().sqrt()
+            cos = (gram / (norms[:, None] * norms[None, :]).clamp_min(1e-300)).numpy()
+            cosine = [{"step": step, "a": a, "b": b, "cosine": float(cos[i, j])}
+                      for i, a in enumerate(order) for j, b in enumerate(order) if i < j]
+        progress = self._progress
+        rows: dict[str, Any] = {}
+        err = None
+        if local or g.rank == 0:
+            if progress is not None:
+                progress.measuring(step, len(order))
+            try:
+                rows = measure_step(
+                    self.objective, step, {n: x_t[n] for n in names}, local, x_next={n: x_next[n] for n in names},
+                    settings=self._rank_settings(), measurement_index=self._measurements,
+                    progress=progress.phase_callback(step, len(local)) if progress is not None else None,
+                    preconditioners=self._preconditioners(),
+                )
+            except Exception as e:  # noqa: BLE001 - told to every rank below
+                err = _text(e)
+            finally:
+                if progress is not None:
+                    seconds = progress.measured()
+                    if self._own_progress:
+                        progress.close(f"{progress.what}: measured {len(order)} directions on {g.world} ranks at "
+                                       f"step {step} in {seconds:.1f} s")
+        rows.pop("_grad", None)
+        self.last_timings = rows.pop("_timings", [{}])[0]
+        results = g.all_gather_object({"error": err, "rows": rows if g.rank else {}})
+        results[g.rank]["rows"] = rows
+        failed = [(r, p["error"]) for r, p in enumerate(results) if p["error"]]
+        if failed:
+            raise DistributedError(f"the measurement failed on rank {failed[0][0]} of {g.world}: {failed[0][1]}")
+        self._measurements += 1
+        if g.rank != 0:
+            return {}
+        return self._merge(results, order, cosine)
+
+    def _merge(self, results: list[dict[str, Any]], order: list[str], cosine: list[dict[str, Any]]
+               ) -> dict[str, list[dict[str, Any]]]:
+        """Rank 0: every rank's rows in one measurement's tables, in the order of a one-process run, with
+        the ratios to SGD computed over the gathered sharpness."""
+        from landscape._ratio import ratio_to_reference
+
+        assert self._store is not None
+        merged: dict[str, list[dict[str, Any]]] = {}
+        for r, res in enumerate(results):
+            for table, table_rows in res["rows"].items():
+                if table == "_events":
+                    for event in table_rows:
+                        self._store.log_event(event["step"], "warning", event["message"] if r == 0 else f"rank {r}: {event['message']}")
+                elif table == "_engine":
+                    if r == 0:
+                        merged["_engine"] = table_rows
+                else:
+                    merged.setdefault(table, []).extend(table_rows)
+        index = {n: i for i, n in enumerate(order)}
+        for table_rows in merged.values():
+            key = "direction" if table_rows and "direction" in table_rows[0] else (
+                "optimizer" if table_rows and "optimizer" in table_rows[0] else None)
+            if key is not None:
+                table_rows.sort(key=lambda row: index.get(row[key], len(index)))
+        ref = next((row["sharpness"] for row in merged.get("sharpness", []) if row["direction"] == "sgd"), None)
+        for row in merged.get("sharpness", []):
+            row["ratio_to_sgd"], row["ratio_note"] = ratio_to_reference(row["sharpness"], ref, "sgd")
+        if cosine:
+            merged["cosine"] = cosine
+        return merged
+
+    def _shard_state(self) -> dict[str, Any]:
+        """This rank's part of :meth:`state_dict` (its recipes' states), as saved in its own state file."""
+        g = self._group
+        assert g is not None and self._pseudo is not None
+        return {
+            "format": _STATE_FORMAT, "step": self.step, "measurements": self._measurements,
+            "pseudo": self._pseudo.state_dict(), "extra": self._extra_state() if self._extra_state is not None else None,
+            "rank": g.rank, "world": g.world, "recipes": list(self._pseudo.names),
+        }
+
+    def _commit_distributed(self, rows: Mapping[str, list[dict[str, Any]]]) -> None:
+        """:meth:`_commit` under torch.distributed: every rank writes its own state file, then rank 0's
+        store commit names them all; the old files go once that commit is known on every rank."""
+        g = self._group
+        assert g is not None and self._store is not None
+        name, err = None, None
+        if self.save_state and self._pseudo is not None and self._pseudo.step:
+            name = _state_file_name(self.step, g.rank, g.world)
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)  # on a node without rank 0's file system
+                _atomic_save(self._shard_state(), self.out / name)
+            except Exception as e:  # noqa: BLE001 - told to every rank below
+                err = _text(e)
+        events = self._store.take_events() if isinstance(self._store, _NullStore) else []
+        status = self._sync({"error": err, "file": name, "events": events})
+        failed = [(r, p["error"]) for r, p in enumerate(status) if p["error"]]
+        if failed:
+            raise DistributedError(f"rank {failed[0][0]} could not save its recipe states: {failed[0][1]}")
+        files = [p["file"] for p in status]
+        rows = dict(rows)
+        engine = rows.pop("_engine", [None])[0]
+
+        def write() -> None:
+            if g.rank != 0:
+                return
+            store = self._store
+            assert isinstance(store, RunStore)
+            with store.transaction():
+                for r, p in enumerate(status):
+                    for step, kind, message in p["events"]:
+                        store.log_event(step, kind, f"rank {r}: {message}")
+                if engine is not None and engine["engine"] != self.engine:
+                    store.log_event(self.step, "engine", engine["message"])
+                    self.engine = engine["engine"]
+                if self._step_rows:
+                    store.write("steps", self._step_rows)
+                for table, table_rows in rows.items():
+                    if table_rows:
+                        store.write(table, table_rows)
+                if name is not None:
+                    store.set_meta("probe_state", {"file": files[0], "files": files, "world": g.world,
+                                                   "step": self.step, "measurements": self._measurements})
+
+        g.agree(write, "writing the run store")
+        self._step_rows = []
+        if name is not None:
+            for old in self.out.glob(f"{_STATE_PREFIX}*.rank{g.rank}of{g.world}.pt"):
+                if old.name != name:
+                    old.unlink(missing_ok=True)
+
     def _commit(self, rows: Mapping[str, list[dict[str, Any]]]) -> None:
         """One atomic unit: the step rows so far, ``rows``, and (with ``save_state``) the recipe states of
         this step. The state file is written first; the store's commit then names it, so a kill at any
         point leaves committed rows and a state of the same step (an unnamed newer file is ignored)."""
+        if self._group is not None:
+            self._commit_distributed(rows)
+            return
         assert self._store is not None
         name = None
         if self.save_state and self._pseudo is not None and self._pseudo.step:
@@ -683,9 +1158,22 @@ class Probe:
     def state_dict(self) -> dict[str, Any]:
         """The probe's resumable state at the current step: recipe states, counters and
         ``extra_state()``. Save it with your training checkpoints (it holds tensors: ``torch.save``), and
-        give it to :meth:`load_state_dict` when training resumes from that checkpoint."""
+        give it to :meth:`load_state_dict` when training resumes from that checkpoint.
+
+        Under torch.distributed this is a collective (call it on every rank): rank 0 gets every rank's
+        recipe states (``"shards"``, the one-process memory for a moment), the other ranks a stub without
+        them; save rank 0's and give that same dict to every rank's :meth:`load_state_dict`."""
         if self._pseudo is None:
             raise RuntimeError("the probe has no state yet (attach it first) or switched itself off")
+        if self._group is not None:
+            g = self._group
+            parts: list[Any] | None = [None] * g.world if g.rank == 0 else None
+            g._dist.gather_object(self._pseudo.state_dict(), parts, dst=0)
+            return {
+                "format": _STATE_FORMAT, "step": self.step, "measurements": self._measurements, "world": g.world,
+                "recipes_by_rank": self._shards, "shards": parts,
+                "extra": self._extra_state() if self._extra_state is not None else None,
+            }
         return {
             "format": _STATE_FORMAT,
             "step": self.step,
@@ -743,7 +1231,8 @@ class Probe:
                 except ValueError:
                     continue
                 out[recipe] = {n: P[n] for n in names}
-        if isinstance(self._optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        trained_here = self._fsdp is None and (self._group is None or self._group.rank == self._trained_rank)
+        if trained_here and isinstance(self._optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             try:
                 P = adam_preconditioner(self._optimizer, self.model)
                 out[str(self.trained_name)] = {n: P[n] for n in names}
@@ -765,6 +1254,8 @@ class Probe:
         if self._store is not None:
             if self.disabled is None:
                 self._guarded(self._commit, {})
+            if self.disabled is not None and self._group is not None and not self._left:
+                self._announce()  # the others meet this rank in close's commit (or a pending measurement)
             self.sinks.close(self._sink_event)
             self._store.close()
             self._store = None

@@ -17,6 +17,11 @@ uses the probe's manual form (:meth:`landscape.Probe.observe`) from ``on_before_
 instead. The measurement of step ``t`` completes when step ``t + 1``'s gradients arrive (or at the
 end of training), when the real update ``x_t − x_{t+1}`` is known.
 
+Under DDP (``Trainer(strategy="ddp", devices=N)``) the callback runs on every rank, as Lightning runs
+every callback: the probe divides its recipes among the ranks and rank 0 alone writes the run folder
+(see :mod:`landscape.distributed`); the default probe batch is rank 0's first batch on every rank, and
+the callback's checkpoint state is gathered on rank 0, the rank that saves the checkpoint.
+
 The training is unchanged: the probe evaluates functionally, restores modes, flags and RNG state,
 and never writes parameters or gradients.
 
@@ -165,7 +170,12 @@ class LandscapeCallback(pl.Callback):
             user = kwargs.pop("sinks", None)
             user = [user] if user is not None and not isinstance(user, (list, tuple)) else list(user or [])
             kwargs["sinks"] = user + [LoggerSink(lg) for lg in trainer.loggers]
-        source = self.probe_batch if self.probe_batch is not None else batch
+        if self.probe_batch is not None:
+            source = self.probe_batch
+        else:  # under DDP each rank's first batch differs (DistributedSampler): rank 0's is every rank's
+            from landscape.distributed import same_on_every_rank
+
+            source = same_on_every_rank(copy_batch(batch, "cpu"))
         probe_batch = copy_batch(source, pl_module.device)
         self.probe = Probe(pl_module, self.loss_fn, probe_batch, self.out, every=self.every, meta=meta, **kwargs)
         if self._restored is not None:

@@ -16,6 +16,11 @@ Probe batch: the user's, or the first ``probe_size`` examples of the training da
 the trainer's own collator (indexed directly, under a forked RNG, so the data order and any random
 collation of the training run are unchanged).
 
+Under DDP (``torchrun`` / ``accelerate launch``) the callback runs on every rank, as the Trainer runs
+every callback: the probe divides its recipes among the ranks and rank 0 alone writes the run folder
+(see :mod:`landscape.distributed`); the default probe batch (the dataset's first examples) is the same
+on every rank; ``on_save`` gathers every rank's recipe states into rank 0's ``landscape_probe.pt``.
+
 The training is unchanged: the probe evaluates functionally, restores modes, flags and RNG state,
 and never writes parameters or gradients.
 
@@ -245,11 +250,17 @@ class LandscapeCallback(TrainerCallback):
         if probe is None or probe.disabled is not None or probe._pseudo is None:
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if folder.is_dir() and probe.step == state.global_step:
-            try:
-                torch.save(probe.state_dict(), folder / PROBE_STATE_FILE)
-            except Exception as e:  # noqa: BLE001 - never stop training for the probe
-                probe._fail("saving the probe state with the checkpoint", e, disable=False)
+        if probe.step != state.global_step:
+            return
+        # under DDP state_dict() gathers every rank's recipe states on rank 0 (a collective: every rank
+        # calls it); rank 0 alone writes the file, which every rank reads back on a resume
+        group = probe._group
+        try:
+            saved = probe.state_dict()
+            if (group is None or group.rank == 0) and folder.is_dir():
+                torch.save(saved, folder / PROBE_STATE_FILE)
+        except Exception as e:  # noqa: BLE001 - never stop training for the probe
+            probe._fail("saving the probe state with the checkpoint", e, disable=False)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._flush_logs()
