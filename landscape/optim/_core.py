@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -763,11 +762,9 @@ def stochastic_round_to_bf16_(
             bits[: k * m].view(k, m).add_(noise)
         if n - k * m:
             bits[k * m :].add_(noise[: n - k * m])
-    if sys.byteorder == "little" and dst.is_contiguous() and dst.dtype == torch.bfloat16:
-        # the bfloat16 value is the high half of each float32 word: copy those halves, no masking pass
-        dst.view(torch.int16).view(-1).copy_(bits.view(torch.int16)[1::2])
-    else:
-        dst.copy_(bits.bitwise_and_(-65536).view(torch.float32).view(dst.shape))
+    # low 16 bits cleared, the conversion is exact (measured faster on CPU than copying the words'
+    # high halves with a strided int16 copy)
+    dst.copy_(bits.bitwise_and_(-65536).view(torch.float32).view(dst.shape))
 
 
 def is_finite_all(tensors: Sequence[Tensor]) -> bool:
