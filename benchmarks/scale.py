@@ -126,6 +126,20 @@ def child(args) -> dict:
         probe.attach(opt)
         if not args.measure_child:
             probe.step = 1  # tracking only: the probe measures its first step, so start it past that
+    observe_t = [0.0]
+    if probe is not None and probe._pseudo is not None:  # PseudoUpdates.observe's share of the tracking
+        pu_observe = probe._pseudo.observe
+
+        def timed_observe(grads):
+            t = time.perf_counter()
+            try:
+                return pu_observe(grads)
+            finally:
+                if cuda:
+                    torch.cuda.synchronize()
+                observe_t[0] += time.perf_counter() - t
+
+        probe._pseudo.observe = timed_observe
     if cuda:  # and the probe's own queued kernels are waited for and counted as tracking
 
         def wait_for_probe(o, a, k):
@@ -157,13 +171,16 @@ def child(args) -> dict:
         res.update(measure_s=measured, step_s=train, error=probe.last_error, peak_rss=peak_rss_bytes())
         probe.close()
         return res
-    train_t, track_t = [], []
+    train_t, track_t, obs_t = [], [], []
     for i in range(args.warmup + args.steps):
+        o0 = observe_t[0]
         a, b = step()
         if i >= args.warmup:
             train_t.append(a)
             track_t.append(b)
-    res.update(train_s=statistics.median(train_t), tracking_s=statistics.median(track_t), peak_rss=peak_rss_bytes())
+            obs_t.append(observe_t[0] - o0)
+    res.update(train_s=statistics.median(train_t), tracking_s=statistics.median(track_t), peak_rss=peak_rss_bytes(),
+               observe_s=statistics.median(obs_t))
     res["fractions"] = [b / a for a, b in zip(train_t, track_t)]
     if probe is not None:
         pu = probe._pseudo
@@ -226,7 +243,7 @@ def print_table(results: dict, gpu: bool = False) -> dict:
     n = next(r["n_params"] for r in results.values() if "n_params" in r)
     print(f"\nparameters: {n:,} ({pb / 2**20:.0f} MiB float32)")
     print(f"\n{'configuration':<24} {'peak RSS':>10} {'extra':>8} {'target':>8} {'states':>7} {'scratch':>8} "
-          f"{'step':>8} {'tracking':>9} {'fraction':>9}" + (f" {'GPU peak':>10} {'GPU extra':>9}" if gpu else ""))
+          f"{'step':>8} {'tracking':>9} {'fraction':>9} {'observe':>8}" + (f" {'GPU peak':>10} {'GPU extra':>9}" if gpu else ""))
     for name, r in results.items():
         if "peak_rss" not in r:
             print(f"{name:<24} {r.get('killed') or r.get('failed')}")
@@ -245,6 +262,7 @@ def print_table(results: dict, gpu: bool = False) -> dict:
             f"{r['train_s'] * 1e3:6.0f}ms",
             f"{r['tracking_s'] * 1e3:7.0f}ms" if probed else f"{blank:>9}",
             f"{r['tracking_s'] / r['train_s']:8.1%}" if probed else f"{blank:>9}",
+            f"{r['observe_s'] / r['train_s']:7.1%}" if probed else f"{blank:>8}",
         ]
         if gpu:
             cells.append(f"{gib(r.get('cuda_peak', 0)):>10}")
@@ -255,7 +273,8 @@ def print_table(results: dict, gpu: bool = False) -> dict:
     print("  column is state_bytes(); with bfloat16 storage it is already half the float32 states). scratch: the")
     print("  probe's reused temporaries (the spare gradient buffer + workspace). tracking: the Probe's time inside")
     print("  each optimizer step (gradient norm + every recipe's update), median over the timed steps; fraction:")
-    print("  tracking / (step without tracking), target <= 5%." + (" GPU columns: torch.cuda.max_memory_allocated."
+    print("  tracking / (step without tracking), target <= 5%. observe: PseudoUpdates.observe alone / step (the")
+    print("  rest of the tracking is the Probe's float64 gradient norm and its step row)." + (" GPU columns: torch.cuda.max_memory_allocated."
                                                                if gpu else ""))
     return base
 

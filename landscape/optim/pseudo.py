@@ -98,11 +98,16 @@ class PseudoUpdates:
 
     Memory and time: :meth:`state_bytes` is the sum over the distinct states (13 parameter-sized
     buffers plus Adafactor's factors for the default set, against about 21 with one buffer per recipe
-    state; half that with ``state_dtype=torch.bfloat16``). When the parameters share a device and dtype
-    each state is one contiguous buffer and :meth:`observe` packs the gradient once (that packed copy
-    becomes the kept last gradient) and runs one kernel per operation over it; transiently it holds a
-    few more parameter-sized temporaries (a clipped or signed copy of g, |g| for the exact top-k%
-    threshold). ``benchmarks/tracker_overhead.py`` measures it against a training step.
+    state; half that with ``state_dtype=torch.bfloat16``). When the parameters share a compute dtype
+    (and a device, or ``state_device`` is given) each state is one contiguous buffer and
+    :meth:`observe` packs the gradient once (that packed copy becomes the kept last gradient) and runs
+    one kernel per operation over it. Besides the states it keeps, between steps, a spare gradient
+    buffer (the two alternate) and a workspace of the temporaries one step needs at once (a clipped or
+    signed copy of g, Adafactor's g², a small float32 piece of a bfloat16 state): about 2 parameter
+    sizes in float32, reused every step, because on CPU a fresh parameter-sized buffer costs more than
+    the arithmetic done in it. bfloat16 EMA states are updated in cache-sized pieces. The top-k%
+    thresholds are exact and need no parameter-sized copy. ``benchmarks/tracker_overhead.py`` and
+    ``benchmarks/scale.py`` (GPT-2 small) measure it against a training step.
 
     Args:
         params: the model's parameters, a ``dict[str, Tensor]`` or an iterable of ``(name, tensor)``
