@@ -150,12 +150,13 @@ class _AbsHistogram:
     def __init__(self, flat: Tensor) -> None:
         self.flat = flat
         n = flat.numel()
-        if n <= _PIECE:
+        self.piece = _PIECE if flat.device.type == "cpu" else max(_PIECE, 1 << 24)  # few launches on a GPU
+        if n <= self.piece:
             counts = torch.bincount(_abs_bits(flat), minlength=_BINS)
         else:
             counts = torch.zeros(_BINS, dtype=torch.int64, device=flat.device)
-            for o in range(0, n, _PIECE):
-                counts += torch.bincount(_abs_bits(flat[o : o + _PIECE]), minlength=_BINS)
+            for o in range(0, n, self.piece):
+                counts += torch.bincount(_abs_bits(flat[o : o + self.piece]), minlength=_BINS)
         self.above = counts.flip(0).cumsum(0)  # above[j]: entries in bins >= _BINS - 1 - j
 
     def kth_largest(self, k: int) -> Tensor:
@@ -165,7 +166,7 @@ class _AbsHistogram:
         j = int(torch.searchsorted(self.above, torch.tensor([k], device=self.above.device))[0])
         b = _BINS - 1 - j
         n_above = int(self.above[j - 1]) if j > 0 else 0
-        pieces = [self.flat[o : o + _PIECE] for o in range(0, n, _PIECE)]
+        pieces = [self.flat[o : o + self.piece] for o in range(0, n, self.piece)]
         cand = torch.cat([p[_abs_bits(p) == b] for p in pieces]).abs_()
         r = k - n_above
         return torch.kthvalue(cand, cand.numel() - r + 1).values

@@ -37,7 +37,12 @@ Tree = dict[str, Tensor]
 State = dict[str, Any]
 
 RAW = "g"  # the key of the raw-gradient stream
-CHUNK = 1 << 18  # coordinates per piece of a chunked elementwise update (1 MiB of float32)
+CHUNK = 1 << 18  # coordinates per piece of a chunked elementwise update on CPU (1 MiB of float32)
+CHUNK_GPU = 1 << 24  # on a GPU: few kernel launches matter more than cache reuse
+
+
+def chunk_size(t: Tensor) -> int:
+    return CHUNK if t.device.type == "cpu" else CHUNK_GPU
 
 
 def _fmt(v: Any) -> str:
@@ -333,8 +338,9 @@ class EMASquare(MomentKind):
     def update_(self, state: Tree, x: Mapping[str, Tensor], ctx: Ctx) -> None:
         if flat(state, x):  # in cache-sized chunks: the second op reads what the first just wrote
             sb, xb = state.buf, x.buf  # type: ignore[attr-defined]
-            for o in range(0, sb.numel(), CHUNK):
-                self.update_flat_(sb[o : o + CHUNK], xb[o : o + CHUNK], ctx)
+            c = chunk_size(sb)
+            for o in range(0, sb.numel(), c):
+                self.update_flat_(sb[o : o + c], xb[o : o + c], ctx)
             return
         names = list(x)
         s = [state[n] for n in names]
@@ -576,11 +582,12 @@ class Evaluation:
                 # reduced-precision storage, piece by piece: convert, update and round one cache-sized
                 # chunk at a time (no parameter-sized float32 copy of the state, about half the traffic)
                 sb, xb = state.buf, x.buf  # type: ignore[attr-defined]
-                work = self.ctx.empty(sb[:CHUNK], cdt)
-                for o in range(0, sb.numel(), CHUNK):
-                    piece = sb[o : o + CHUNK]
+                c = chunk_size(sb)
+                work = self.ctx.empty(sb[:c], cdt)
+                for o in range(0, sb.numel(), c):
+                    piece = sb[o : o + c]
                     w = work[: piece.numel()].copy_(piece)
-                    kind.update_flat_(w, xb[o : o + CHUNK], self.ctx)
+                    kind.update_flat_(w, xb[o : o + c], self.ctx)
                     store(piece, w, o)
                 self.ctx.give_back(work)
             else:  # reduced-precision storage: compute in float32, store back once
