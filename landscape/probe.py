@@ -259,6 +259,10 @@ class Probe:
             trained parameter.
         settings: a :class:`~landscape.measure.MeasureSettings` (lines, histograms, smoothness...).
         state_dtype: storage dtype of the recipe states (e.g. ``torch.bfloat16`` halves their memory).
+        state_device: where the recipe states live (default: the parameters' device). ``"cpu"`` keeps
+            them in host memory while the model trains on a GPU: each step's gradient is copied to the
+            host with pinned, non-blocking copies, and directions return to the GPU when measured
+            (see :class:`~landscape.optim.PseudoUpdates`).
         trained_name: the name of the real optimizer's direction (default: ``"<class> (trained)"``).
         save_state: keep the recipe states in the run folder at each measurement (and at close) so a
             resumed run continues with the same momenta. Without it a folder cannot be resumed.
@@ -307,6 +311,7 @@ class Probe:
         include: Include = None,
         settings: MeasureSettings | None = None,
         state_dtype: torch.dtype | None = None,
+        state_device: str | torch.device | None = None,
         trained_name: str | None = None,
         save_state: bool = True,
         meta: Mapping[str, Any] | None = None,
@@ -347,6 +352,9 @@ class Probe:
         self.trained_name = trained_name
         self.save_state = save_state
         self._state_dtype = state_dtype
+        from landscape.optim.pseudo import _check_device
+
+        self._state_device = _check_device(state_device)  # a bad device fails here, not at attach
         self._extra_meta = dict(meta or {})
         self._fingerprint = batch_fingerprint(probe_batch)
         self._store: RunStore | None = None
@@ -449,7 +457,8 @@ class Probe:
         self._store = RunStore(self.out, settings=settings, meta=meta)
         try:
             self._pseudo = PseudoUpdates(
-                {n: p.detach() for n, p in params.items()}, self.recipes, state_dtype=self._state_dtype
+                {n: p.detach() for n, p in params.items()}, self.recipes, state_dtype=self._state_dtype,
+                state_device=self._state_device,
             )
             self._resume(optimizer)
         except BaseException:

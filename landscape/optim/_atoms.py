@@ -130,17 +130,33 @@ def _count_top(fraction: float, n: int) -> int:
     return min(n, max(1, int(math.floor(fraction * n + 0.5))))
 
 
+_PIECE = 1 << 20  # coordinates per piece of the histogram's passes
+
+
+def _abs_bits(piece: Tensor) -> Tensor:
+    """The bfloat16 bit pattern of |x| (round-to-nearest is symmetric: x's pattern, sign bit cleared)."""
+    return piece.to(torch.bfloat16).view(torch.int16).bitwise_and_(0x7FFF)
+
+
 class _AbsHistogram:
     """|x| of a flat vector binned by its bfloat16 bit pattern (monotone in |x|), so
     that the k-th largest value is found exactly by one ``bincount`` and a ``kthvalue`` within one
-    bin (a radix select): O(n), and about 10× faster than ``torch.kthvalue`` on the whole vector."""
+    bin (a radix select): O(n), and about 10× faster than ``torch.kthvalue`` on the whole vector.
 
-    def __init__(self, flat_abs: Tensor) -> None:
-        self.flat = flat_abs
-        # the bfloat16 bit pattern (round-to-nearest is monotone too) is 16 bits: half the traffic of
-        # `float32 bits >> 16` in the bincount and in the comparisons below
-        self.hi = flat_abs.to(torch.bfloat16).view(torch.int16)
-        counts = torch.bincount(self.hi, minlength=_BINS)
+    ``flat`` may hold signed values, and nothing parameter-sized is allocated: the 16-bit patterns
+    are made, counted and compared one cache-sized piece at a time, and |x| is taken of the few
+    candidates of one bin only."""
+
+    def __init__(self, flat: Tensor) -> None:
+        self.flat = flat
+        n = flat.numel()
+        self.piece = _PIECE if flat.device.type == "cpu" else max(_PIECE, 1 << 24)  # few launches on a GPU
+        if n <= self.piece:
+            counts = torch.bincount(_abs_bits(flat), minlength=_BINS)
+        else:
+            counts = torch.zeros(_BINS, dtype=torch.int64, device=flat.device)
+            for o in range(0, n, self.piece):
+                counts += torch.bincount(_abs_bits(flat[o : o + self.piece]), minlength=_BINS)
         self.above = counts.flip(0).cumsum(0)  # above[j]: entries in bins >= _BINS - 1 - j
 
     def kth_largest(self, k: int) -> Tensor:
@@ -150,7 +166,8 @@ class _AbsHistogram:
         j = int(torch.searchsorted(self.above, torch.tensor([k], device=self.above.device))[0])
         b = _BINS - 1 - j
         n_above = int(self.above[j - 1]) if j > 0 else 0
-        cand = self.flat[self.hi == b]
+        pieces = [self.flat[o : o + self.piece] for o in range(0, n, self.piece)]
+        cand = torch.cat([p[_abs_bits(p) == b] for p in pieces]).abs_()
         r = k - n_above
         return torch.kthvalue(cand, cand.numel() - r + 1).values
 
@@ -171,8 +188,11 @@ def _thresholds(x: Tree, fraction: float, per_tensor: bool, cache: dict | None) 
             if k == 0:
                 out[name] = math.inf
                 continue
-            flat = v.reshape(-1).abs()
-            tau = torch.kthvalue(flat, flat.numel() - k + 1).values if flat.numel() <= 4096 else _AbsHistogram(flat).kth_largest(k)
+            flat = v.reshape(-1)
+            if flat.numel() <= 4096:
+                tau = torch.kthvalue(flat.abs(), flat.numel() - k + 1).values
+            else:
+                tau = _AbsHistogram(flat).kth_largest(k)
             out[name] = float(tau)
         return out
     n = sum(v.numel() for v in x.values())
@@ -184,8 +204,8 @@ def _thresholds(x: Tree, fraction: float, per_tensor: bool, cache: dict | None) 
     if hit is not None and hit[0] is x:
         hist = hit[1]
     else:
-        flat_abs = x.buf.abs() if isinstance(x, Flat) else torch.cat([v.reshape(-1) for v in x.values()]).abs_()
-        hist = _AbsHistogram(flat_abs)
+        signed = x.buf if isinstance(x, Flat) else torch.cat([v.reshape(-1) for v in x.values()])
+        hist = _AbsHistogram(signed)
         if cache is not None:
             cache[key] = (x, hist)
     tau = float(hist.kth_largest(k))
@@ -360,7 +380,7 @@ class Sign(Atom):
     def apply(self, x: Tree | None, m: Mapping[str, Tree], ctx: Ctx) -> Tree:
         assert x is not None
         if isinstance(x, Flat):
-            return Flat(torch.sign(x.buf), x.layout)
+            return Flat(torch.sign(x.buf, out=ctx.empty(x.buf)), x.layout)
         names = list(x)
         return dict(zip(names, torch._foreach_sign([x[n] for n in names])))
 
@@ -374,7 +394,7 @@ class Normalize(Atom):
         assert x is not None
         if isinstance(x, Flat) and not self.per_tensor:
             total = float(torch.linalg.vector_norm(x.buf))
-            return Flat(x.buf * (1.0 / total if total > 0 else 0.0), x.layout)
+            return Flat(torch.mul(x.buf, 1.0 / total if total > 0 else 0.0, out=ctx.empty(x.buf)), x.layout)
         names = list(x)
         xs = [x[n] for n in names]
         norms = _norms(xs)
@@ -410,7 +430,9 @@ class ClipTop(Atom):
         taus = _thresholds(x, self.clip, self.per_tensor, ctx.cache)
         if isinstance(x, Flat) and not self.per_tensor:
             tau = next(iter(taus.values()))
-            return Flat(x.buf.clamp(-tau, tau), x.layout) if math.isfinite(tau) else x
+            if not math.isfinite(tau):
+                return x
+            return Flat(torch.clamp(x.buf, -tau, tau, out=ctx.empty(x.buf)), x.layout)
         return {n: (v.clamp(-taus[n], taus[n]) if math.isfinite(taus[n]) else v) for n, v in x.items()}
 
 
@@ -422,7 +444,7 @@ class ClipValue(Atom):
     def apply(self, x: Tree | None, m: Mapping[str, Tree], ctx: Ctx) -> Tree:
         assert x is not None
         if isinstance(x, Flat):
-            return Flat(x.buf.clamp(-self.alpha, self.alpha), x.layout)
+            return Flat(torch.clamp(x.buf, -self.alpha, self.alpha, out=ctx.empty(x.buf)), x.layout)
         return {n: v.clamp(-self.alpha, self.alpha) for n, v in x.items()}
 
 
@@ -436,7 +458,8 @@ class ClipNorm(Atom):
         assert x is not None
         if isinstance(x, Flat) and not self.per_tensor:
             total = float(torch.linalg.vector_norm(x.buf))
-            return Flat(x.buf * (min(1.0, self.alpha / total) if total > 0 else 1.0), x.layout)
+            factor = min(1.0, self.alpha / total) if total > 0 else 1.0
+            return Flat(torch.mul(x.buf, factor, out=ctx.empty(x.buf)), x.layout)
         names = list(x)
         xs = [x[n] for n in names]
         norms = _norms(xs)

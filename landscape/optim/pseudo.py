@@ -18,6 +18,7 @@ from landscape.optim._core import (
     Program,
     Transform,
     Tree,
+    Workspace,
     compute_dtype,
     is_finite_all,
     stochastic_round_to_bf16_,
@@ -27,6 +28,7 @@ from landscape.optim.recipes import recipe, recipe_names
 __all__ = ["PseudoUpdates"]
 
 _LAST_GRAD = "g (last gradient)"
+_NOISE = 1 << 22  # random 16-bit values drawn per observe for stochastic rounding
 
 
 def _as_param_dict(params: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]) -> dict[str, Tensor]:
@@ -54,6 +56,24 @@ def _as_param_dict(params: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]) 
     return out
 
 
+def _check_device(device: Any) -> torch.device | None:
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"state_device must be None, a device string such as 'cpu' or a torch.device, got {type(device).__name__}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"state_device: {device!r} is not a device ({e}); use e.g. 'cpu' or 'cuda:0'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"state_device={device!r} but CUDA is not available in this process")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"state_device={device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if dev.type == "meta":
+        raise ValueError("state_device='meta' holds no data; use 'cpu' or a GPU")
+    return dev
+
+
 def _tensor_bytes(obj: Any) -> int:
     if isinstance(obj, Tensor):
         return obj.numel() * obj.element_size()
@@ -78,11 +98,16 @@ class PseudoUpdates:
 
     Memory and time: :meth:`state_bytes` is the sum over the distinct states (13 parameter-sized
     buffers plus Adafactor's factors for the default set, against about 21 with one buffer per recipe
-    state; half that with ``state_dtype=torch.bfloat16``). When the parameters share a device and dtype
-    each state is one contiguous buffer and :meth:`observe` packs the gradient once (that packed copy
-    becomes the kept last gradient) and runs one kernel per operation over it; transiently it holds a
-    few more parameter-sized temporaries (a clipped or signed copy of g, |g| for the exact top-k%
-    threshold). ``benchmarks/tracker_overhead.py`` measures it against a training step.
+    state; half that with ``state_dtype=torch.bfloat16``). When the parameters share a compute dtype
+    (and a device, or ``state_device`` is given) each state is one contiguous buffer and
+    :meth:`observe` packs the gradient once (that packed copy becomes the kept last gradient) and runs
+    one kernel per operation over it. Besides the states it keeps, between steps, a spare gradient
+    buffer (the two alternate) and a workspace of the temporaries one step needs at once (a clipped or
+    signed copy of g, Adafactor's g², a small float32 piece of a bfloat16 state): about 2 parameter
+    sizes in float32, reused every step, because on CPU a fresh parameter-sized buffer costs more than
+    the arithmetic done in it. bfloat16 EMA states are updated in cache-sized pieces. The top-k%
+    thresholds are exact and need no parameter-sized copy. ``benchmarks/tracker_overhead.py`` and
+    ``benchmarks/scale.py`` (GPT-2 small) measure it against a training step.
 
     Args:
         params: the model's parameters, a ``dict[str, Tensor]`` or an iterable of ``(name, tensor)``
@@ -96,6 +121,12 @@ class PseudoUpdates:
             unbiased; with round-to-nearest an EMA whose per-step change is below half a bfloat16 ulp,
             such as v at β2 = 0.999, stops moving) or ``"nearest"``.
         seed: seed of the stochastic-rounding generator.
+        state_device: where the states (and the kept last gradient) live: ``None`` (default) for the
+            parameters' device, or a device such as ``"cpu"`` to keep them in host memory while the
+            model trains on a GPU. :meth:`observe` then copies each gradient to the host once (into
+            page-locked memory with non-blocking copies, waited for before use) and the recipes run
+            there; :meth:`directions` and :meth:`preconditioner` return tensors on the parameters'
+            devices. Costs one device-to-host copy of the gradient per step and host arithmetic.
 
     Example:
         >>> import torch, landscape as ls
@@ -118,8 +149,10 @@ class PseudoUpdates:
         state_dtype: torch.dtype | None = None,
         rounding: str = "stochastic",
         seed: int = 0,
+        state_device: str | torch.device | None = None,
     ) -> None:
         self._params = _as_param_dict(params)
+        self.state_device = _check_device(state_device)
         self._txs = self._resolve(recipes)
         if state_dtype is not None and (not isinstance(state_dtype, torch.dtype) or not state_dtype.is_floating_point):
             raise ValueError(f"state_dtype must be a floating-point torch.dtype, got {state_dtype!r}")
@@ -134,18 +167,28 @@ class PseudoUpdates:
         self._opaque = {n: tx for n, tx in self._txs.items() if tx.atoms is None}
         self._program = Program(shared)  # type: ignore[arg-type]
         # one contiguous buffer per state when all parameters share a device and compute dtype
-        self._layout = Layout.of(self._params)
-        self._moments = self._program.init(self._params, state_dtype, self._layout)  # default: float32/64
+        dev = self.state_device
+        self._layout = Layout.of(self._params) if dev is None else Layout.of(self._params, dev)
+        # page-locked host buffers for the gradient copies when states live on the host, params on a GPU
+        self._pin = (
+            dev is not None and dev.type == "cpu" and torch.cuda.is_available()
+            and any(p.device.type == "cuda" for p in self._params.values())
+        )
+        self._moments = self._program.init(self._params, state_dtype, self._layout, dev)  # default: float32/64
         self._last_grad: Tree | None = None
         if self._program.keeps_raw:
             if self._layout is not None:
-                self._last_grad = self._layout.zeros(state_dtype)
+                self._last_grad = self._layout.zeros(state_dtype, pin=self._pin)
             else:
                 self._last_grad = {
-                    n: torch.zeros_like(p, dtype=state_dtype or compute_dtype(p.dtype)) for n, p in self._params.items()
+                    n: torch.zeros_like(p, dtype=state_dtype or compute_dtype(p.dtype), device=dev or p.device)
+                    for n, p in self._params.items()
                 }
         self._noise: Tensor | None = None
-        self._opaque_state = {n: tx.init(self._params) for n, tx in self._opaque.items()}
+        self._spare: Tensor | None = None  # the packing buffer of the next observe (flat layouts)
+        self._workspace = Workspace()  # scratch buffers of observe's temporaries, kept across steps
+        like = self._params if dev is None else {n: p.to(dev) for n, p in self._params.items()}
+        self._opaque_state = {n: tx.init(like) for n, tx in self._opaque.items()}
         self._opaque_last: dict[str, Tree | None] = dict.fromkeys(self._opaque)
         self._step = 0
 
@@ -208,16 +251,25 @@ class PseudoUpdates:
             self._gens[key] = gen
         return gen
 
-    def _store(self, dst: Tensor, src: Tensor) -> None:
-        """Write an updated float32 state (a temporary, which may be overwritten) into its storage."""
+    def _store(self, dst: Tensor, src: Tensor, offset: int = 0) -> None:
+        """Write an updated float32 state (a temporary, which may be overwritten) into its storage;
+        ``offset``: the coordinate of a flat state where the piece ``dst`` starts (the rounding noise
+        of a coordinate does not depend on how the state is cut into pieces)."""
         if dst.dtype == torch.bfloat16 and self.rounding == "stochastic":
             # one draw per observe, shared by every state (each stays unbiased; fresh draws over time)
-            if self._noise is None or self._noise.numel() < dst.numel() or self._noise.device != dst.device:
-                n = max(dst.numel(), self._layout.total if self._layout is not None else 0)
+            if self._noise is None or self._noise.device != dst.device:
+                # at most 2^22 values, tiled over larger states (see stochastic_round_to_bf16_)
+                n = min(_NOISE, max(dst.numel(), self._layout.total if self._layout is not None else 0))
                 self._noise = torch.randint(
                     0, 1 << 16, (n,), dtype=torch.int32, device=dst.device, generator=self._generator(dst.device)
                 )
-            stochastic_round_to_bf16_(dst, src, noise=self._noise, consume=True)
+            noise = self._noise
+            start = offset % noise.numel()
+            if start + dst.numel() <= noise.numel():
+                noise = noise[start : start + dst.numel()]
+            elif start:
+                noise = torch.roll(noise, -start)
+            stochastic_round_to_bf16_(dst, src, noise=noise, consume=True)
         else:
             dst.copy_(src)
 
@@ -239,6 +291,42 @@ class PseudoUpdates:
                 raise TypeError(f"the gradient of {n!r} is a {type(g).__name__}, not a Tensor")
             if g.shape != p.shape:
                 raise ValueError(f"the gradient of {n!r} has shape {tuple(g.shape)}, the parameter {tuple(p.shape)}")
+
+    def _pack(self, grads: Mapping[str, Tensor]) -> Flat:
+        """The gradients in one contiguous buffer of the layout (compute dtype, state device), written
+        into the spare buffer kept from the previous step (the kept gradient of two steps ago) when
+        there is one: no new buffer, no page faults. From a GPU into host states the copies go to
+        page-locked memory, non-blocking, and are waited for (an event per source device) before
+        the buffer is read."""
+        lay = self._layout
+        assert lay is not None
+        out, self._spare = self._spare, None
+        if out is None:
+            if self._pin:
+                out = torch.empty(lay.total, dtype=lay.dtype, pin_memory=True)
+            else:
+                out = torch.empty(lay.total, dtype=lay.dtype, device=lay.device)
+        leaves = [grads[n].detach().reshape(-1) for n in lay.names]
+        if all(v.device == out.device for v in leaves):
+            for v, o, k in zip(leaves, lay.offsets, lay.numels):  # on CPU a loop of copy_ beats cat(out=)
+                out[o : o + k].copy_(v)
+            return Flat(out, lay)
+        cuda_sources = set()
+        for v, o, k in zip(leaves, lay.offsets, lay.numels):
+            async_copy = self._pin and v.device.type == "cuda"
+            out[o : o + k].copy_(v, non_blocking=async_copy)
+            if async_copy:
+                cuda_sources.add(v.device)
+        for d in cuda_sources:  # the host reads the buffer next: wait for the copies queued on d
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(d))
+            event.synchronize()
+        return Flat(out, lay)
+
+    def _keep_spare(self, buf: Tensor) -> None:
+        # custom transforms may return views of the packed gradient: then it is never overwritten
+        if not self._opaque:
+            self._spare = buf
 
     def _check_finite(self, grads: Mapping[str, Tensor], packed: Tensor | None = None) -> None:
         """Raise if any gradient holds a NaN or an infinity. With the packed buffer, one ``sum`` decides
@@ -270,25 +358,42 @@ class PseudoUpdates:
         t = self._step + 1
         raw: Tree
         if self._layout is not None:  # one copy of g into a contiguous buffer; every op then runs on it
-            raw = self._layout.pack({n: grads[n].detach() for n in self._params})
-            self._check_finite(grads, raw.buf)  # type: ignore[attr-defined]
+            raw = self._pack(grads)
+            try:
+                self._check_finite(grads, raw.buf)  # type: ignore[attr-defined]
+            except ValueError:
+                self._keep_spare(raw.buf)  # type: ignore[attr-defined]
+                raise
         else:
             self._check_finite(grads)
-            raw = {n: grads[n].detach().to(compute_dtype(grads[n].dtype)) for n in self._params}
+            dev = self.state_device
+            raw = {
+                n: grads[n].detach().to(device=dev or grads[n].device, dtype=compute_dtype(grads[n].dtype))
+                for n in self._params
+            }
         # opaque (user) transforms first: they are pure, so a failure there changes nothing
         new_opaque = {}
         for name, tx in self._opaque.items():
             u, s = tx.update(dict(raw.items()), self._opaque_state[name], self._params)
             new_opaque[name] = (dict(u), s)
         self._noise = None
-        ev = Evaluation(self._program, self._moments, raw, Ctx(step=t, params=self._params), update=True, store=self._store)
-        ev.update_all()
-        self._noise = None
+        ctx = Ctx(step=t, params=self._params, workspace=self._workspace)
+        ev = Evaluation(self._program, self._moments, raw, ctx, update=True, store=self._store)
+        try:
+            ev.update_all()
+        finally:
+            ctx.give_back_all()
+            self._noise = None
+        del ev
         lg = self._last_grad
         if isinstance(lg, Flat) and lg.buf.dtype == raw.buf.dtype:  # type: ignore[attr-defined]
             self._last_grad = raw  # the packed buffer becomes the kept gradient: no copy
+            self._keep_spare(lg.buf)  # and the previous one is next step's packing buffer
         elif isinstance(lg, Flat):
             lg.buf.copy_(raw.buf)  # type: ignore[attr-defined]
+            self._keep_spare(raw.buf)  # type: ignore[attr-defined]
+        elif isinstance(raw, Flat):
+            self._keep_spare(raw.buf)
         elif lg is not None:
             for n, v in lg.items():
                 v.copy_(raw[n])
@@ -335,9 +440,12 @@ class PseudoUpdates:
             res = {}
             for k, v in tree.items():
                 p = self._params[k]
-                if v.data_ptr() in protected or id(v) in seen:
-                    v = v.clone()
-                v = v.to(p.dtype) if v.dtype != p.dtype else v
+                if v.device != p.device:  # states on state_device: a fresh copy on the parameter's device
+                    v = v.to(device=p.device, dtype=p.dtype)
+                else:
+                    if v.data_ptr() in protected or id(v) in seen:
+                        v = v.clone()
+                    v = v.to(p.dtype) if v.dtype != p.dtype else v
                 seen.add(id(v))
                 res[k] = v
             out[name] = res
@@ -387,7 +495,7 @@ class PseudoUpdates:
             v = state[n].to(compute_dtype(state[n].dtype))
             c2 = 1.0 - atom.beta2**t if bias_correction else 1.0
             c1 = 1.0 - atom.beta1**t if bias_correction else 1.0
-            out[n] = ((v / c2).sqrt_().add_(atom.eps) * c1).to(p.dtype)
+            out[n] = ((v / c2).sqrt_().add_(atom.eps) * c1).to(device=p.device, dtype=p.dtype)
         return out
 
     # memory ------------------------------------------------------------------------------------------
