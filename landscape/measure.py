@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,11 +21,14 @@ from torch import Tensor
 
 from landscape import tree
 from landscape._ratio import ratio_to_reference
-from landscape.curvature import sharpness_and_gradient
+from landscape.curvature import SharpnessMeter
 from landscape.curvature_measure import CurvatureSettings
 from landscape.objective import Objective
 
-__all__ = ["MeasureSettings", "adaptive_line", "cosine_matrix", "log_histogram", "measure_step", "ratio_to_reference"]
+__all__ = [
+    "DirectionSource", "MeasureSettings", "adaptive_line", "cosine_matrix", "direction_problem", "log_histogram",
+    "measure_step", "pseudo_source", "ratio_to_reference",
+]
 
 
 @dataclass
@@ -54,6 +57,9 @@ class MeasureSettings:
         method: the sharpness engine: ``"auto"`` (the Taylor sweep where the loss supports it, else
             Hessian-vector products), ``"taylor"`` or ``"hvp"`` (see :func:`~landscape.directional_sharpness`).
             Not part of a run's settings: both engines measure the same numbers (up to rounding).
+        chunk: directions measured at a time (sharpness, lines, histograms, cosine pairs): peak memory
+            is about two chunks of directions. Not part of a run's settings (the numbers do not depend
+            on it).
         curvature: eigenvalues, traces, spectral densities, preconditioned sharpness and per-layer
             sharpness decompositions at their own cadence
             (:class:`~landscape.curvature_measure.CurvatureSettings`; ``None``, the default: none).
@@ -77,6 +83,7 @@ class MeasureSettings:
     method: str = "auto"
     curvature: CurvatureSettings | None = None
     robust_curvature: str = "hessian"
+    chunk: int = 4
 
     def __post_init__(self) -> None:
         from landscape.curvature import SHIFT_POLICIES, _check_delta
@@ -88,6 +95,8 @@ class MeasureSettings:
             raise ValueError(f"method must be 'auto', 'taylor' or 'hvp', got {self.method!r}")
         if self.robust_curvature not in ("hessian", "ggn"):
             raise ValueError(f"robust_curvature must be 'hessian' or 'ggn', got {self.robust_curvature!r}")
+        if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 1:
+            raise ValueError(f"chunk must be a positive number of directions, got {self.chunk!r}")
         if self.curvature is not None and not isinstance(self.curvature, CurvatureSettings):
             raise TypeError(f"curvature must be a CurvatureSettings or None, got {type(self.curvature).__name__}")
 
@@ -95,6 +104,7 @@ class MeasureSettings:
         d = asdict(self)
         d["gammas"] = [float(g) for g in self.gammas]
         d.pop("method")  # how, not what: a run may resume with the other engine
+        d.pop("chunk")  # how (memory), not what
         if d.get("curvature") is None:
             d.pop("curvature")  # absent, so that runs recorded before it existed still resume
         if d.get("robust_curvature") == "hessian":
@@ -204,11 +214,118 @@ def cosine_matrix(directions: Mapping[str, Mapping[str, Tensor]]) -> tuple[list[
     return names, cos.numpy()
 
 
+class DirectionSource:
+    """Named update directions produced on demand, a few at a time.
+
+    A measurement asks :meth:`get` for a chunk of directions (``MeasureSettings.chunk``), measures
+    them and lets them go, so it never holds every direction at once: for a model of P parameters
+    and K directions, peak memory is about two chunks of directions (the cosine matrix pairs two
+    chunks) instead of K·P numbers. A plain mapping ``{name: u}`` is a source whose directions are
+    all alive already (:meth:`of`).
+
+    Args:
+        names: the directions, in measurement order.
+        get: ``get(list_of_names) -> {name: u}``, fresh trees for the names asked for.
+    """
+
+    def __init__(self, names: Iterable[str], get: Callable[[list[str]], Mapping[str, Mapping[str, Tensor]]]) -> None:
+        self.names = list(names)
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"direction names must be unique, got {self.names}")
+        self._get = get
+
+    @classmethod
+    def of(cls, directions: Mapping[str, Mapping[str, Tensor]] | DirectionSource) -> DirectionSource:
+        """``directions`` itself when it is a source, else a source over the mapping."""
+        if isinstance(directions, DirectionSource):
+            return directions
+        if not isinstance(directions, Mapping):
+            raise TypeError(f"directions must be a mapping {{name: u}} or a DirectionSource, got {type(directions).__name__}")
+        return cls(list(directions), lambda names: {n: directions[n] for n in names})
+
+    def get(self, names: Iterable[str]) -> dict[str, Mapping[str, Tensor]]:
+        """``{name: u}`` for ``names`` (in that order)."""
+        names = list(names)
+        unknown = [n for n in names if n not in self.names]
+        if unknown:
+            raise KeyError(f"unknown directions {unknown}; this source has {self.names}")
+        got = self._get(names)
+        return {n: got[n] for n in names}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __repr__(self) -> str:
+        return f"DirectionSource({len(self.names)} directions: {', '.join(self.names[:6])}{' ...' if len(self.names) > 6 else ''})"
+
+
+def pseudo_source(
+    pseudo: Any,
+    extra: Mapping[str, Mapping[str, Tensor]] | None = None,
+    names: Iterable[str] | None = None,
+) -> DirectionSource:
+    """A :class:`DirectionSource` over a :class:`~landscape.optim.PseudoUpdates`' recipes (computed
+    from their states when asked for, :meth:`~landscape.optim.PseudoUpdates.directions`), followed by
+    directions already materialised in ``extra`` (e.g. the trained optimizer's own step).
+
+    Args:
+        pseudo: the recipes' states.
+        extra: more directions ``{name: u}``, after the recipes.
+        names: only these recipes (default: all of ``pseudo.names``).
+    """
+    recipes = list(pseudo.names) if names is None else list(names)
+    extra = dict(extra or {})
+    clash = [n for n in extra if n in recipes]
+    if clash:
+        raise ValueError(f"extra directions {clash} have the names of recipes")
+
+    def get(wanted: list[str]) -> dict[str, Mapping[str, Tensor]]:
+        from_pseudo = [n for n in wanted if n not in extra]
+        out: dict[str, Mapping[str, Tensor]] = dict(pseudo.directions(from_pseudo)) if from_pseudo else {}
+        out.update({n: extra[n] for n in wanted if n in extra})
+        return out
+
+    return DirectionSource(recipes + list(extra), get)
+
+
+def direction_problem(u: Mapping[str, Tensor]) -> str | None:
+    """Why ``u`` has no direction (``None`` when it has one): non-finite entries, or norm 0."""
+    bad = tree.nonfinite_names(u)
+    if bad:
+        return f"direction has non-finite entries (in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})"
+    n = float(tree.norm(u))
+    if n == 0:
+        return "direction has norm 0 (all coordinates zero)"
+    if not math.isfinite(n):
+        return f"direction norm is not finite ({n!r}: entries too large for the dtype)"
+    return None
+
+
+def _chunks(names: list[str], size: int) -> list[list[str]]:
+    size = max(1, int(size))
+    return [names[i:i + size] for i in range(0, len(names), size)]
+
+
+def _gram_block(a: Mapping[str, Mapping[str, Tensor]], b: Mapping[str, Mapping[str, Tensor]],
+                keys: Sequence[str]) -> Tensor:
+    """``⟨u_a, u_b⟩`` for every pair of a chunk ``a`` and a chunk ``b``, in float64, one parameter
+    tensor at a time."""
+    out = torch.zeros(len(a), len(b), dtype=torch.float64)
+    for key in keys:
+        ba = torch.stack([u[key].detach().reshape(-1).double() for u in a.values()])
+        bb = ba if a is b else torch.stack([u[key].detach().reshape(-1).double() for u in b.values()])
+        out += (ba @ bb.T).cpu()
+    return out
+
+
 def measure_step(
     objective: Objective,
     step: int,
     x_t: Mapping[str, Tensor],
-    directions: Mapping[str, Mapping[str, Tensor]],
+    directions: Mapping[str, Mapping[str, Tensor]] | DirectionSource,
     *,
     x_next: Mapping[str, Tensor] | None = None,
     settings: MeasureSettings | None = None,
@@ -223,7 +340,9 @@ def measure_step(
         objective: the probe-batch objective.
         step: the step number written in every row.
         x_t: the point (keyed like ``objective.names``).
-        directions: ``{name: u}`` (``x`` moves to ``x − η·u``).
+        directions: ``{name: u}`` (``x`` moves to ``x − η·u``), or a :class:`DirectionSource` that
+            produces them a chunk at a time (:func:`pseudo_source`): then at most about two chunks of
+            ``settings.chunk`` directions are alive at once.
         x_next: the next point of the real trajectory (for the smoothness tables).
         settings: what to compute.
         reference: the direction whose sharpness the ratios divide by.
@@ -232,31 +351,111 @@ def measure_step(
             ``"lines"`` per direction, ``"histograms"``, ``"smoothness"``, ``"robust smoothness"``).
         preconditioners: ``{name: P}`` for the preconditioned sharpness (``settings.curvature``).
 
+    A direction with norm 0 or non-finite entries is not measured: its ``sharpness`` and ``lines``
+    rows say why in ``undefined`` (the sharpness row's ``ratio_note`` too), with NaN values, and its
+    cosines are NaN; the other directions are measured as usual.
+
     Besides the tables' rows, ``"_events"`` lists ``{"step", "message"}`` of curvature quantities that
-    could not be measured (for the run's events).
+    could not be measured, and of undefined directions (for the run's events).
     """
     from landscape import smoothness as sm
 
     st = settings or MeasureSettings()
     names = list(objective.names)
-    dirs = {k: {n: u[n] for n in names} for k, u in directions.items()}
+    source = DirectionSource.of(directions)
+    all_names = list(source.names)
+    chunks = _chunks(all_names, st.chunk)
     rows: dict[str, list[dict[str, Any]]] = {}
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {"sharpness": 0.0, "lines": 0.0, "geometry": 0.0}
+    events: list[dict[str, Any]] = []
 
     def tell(phase: str, done: int = 0, total: int = 0) -> None:
         if progress is not None:
             progress(phase, done, total)
 
-    tell("sharpness")
-    t0 = time.perf_counter()
-    sharp, loss, grad = sharpness_and_gradient(
-        objective, dirs, at=x_t, shift=st.shift, delta=st.delta, method=st.method
-    )
-    timings["sharpness"] = time.perf_counter() - t0
+    def fetch(chunk: list[str]) -> dict[str, dict[str, Tensor]]:
+        got = source.get(chunk)
+        out = {}
+        for k, u in got.items():
+            missing = [n for n in names if n not in u]
+            if missing:
+                raise KeyError(f"direction {k!r} lacks measured parameters {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            out[k] = {n: u[n] for n in names}
+        return out
+
+    undefined: dict[str, str] = {}
+    norms: dict[str, float] = {}
+    sharp: dict[str, Any] = {}
+    hist_rows: dict[str, dict[str, Any]] = {}
+    line_rows: dict[str, dict[str, Any]] = {}
+    gram = torch.full((len(all_names), len(all_names)), math.nan, dtype=torch.float64)
+    index = {n: i for i, n in enumerate(all_names)}
+    want_cos = st.cosine and len(all_names) > 1
+    done_lines = 0
+    t_start = time.perf_counter()
+    with SharpnessMeter(objective, at=x_t, shift=st.shift, delta=st.delta, method=st.method) as meter:
+        tell("sharpness")
+        loss, grad = meter.ensure_grad()
+        for ci, chunk in enumerate(chunks):
+            dirs = fetch(chunk)
+            for k, u in dirs.items():
+                why = direction_problem(u)
+                if why is not None:
+                    undefined[k] = why
+                    norms[k] = float(tree.norm(u)) if "non-finite" not in why else math.nan
+            defined = {k: u for k, u in dirs.items() if k not in undefined}
+            t0 = time.perf_counter()
+            if ci:
+                tell("sharpness", sum(len(c) for c in chunks[:ci]), len(all_names))
+            sharp.update(meter.measure(defined))
+            timings["sharpness"] += time.perf_counter() - t0
+            if st.lines:
+                t0 = time.perf_counter()
+                for name, u in dirs.items():
+                    done_lines += 1
+                    tell("lines", done_lines, len(all_names))
+                    if name in undefined:
+                        continue
+                    line_rows[name] = _line_row(objective, step, name, u, sharp[name], loss, x_t, st)
+                timings["lines"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for name, u in dirs.items():
+                if name in undefined and "non-finite" in undefined[name]:
+                    continue
+                hist_rows[name] = {"step": step, "direction": name, **log_histogram(u, st.hist_bins)}
+            if want_cos and defined:
+                keys = list(names)
+                ids = [index[k] for k in defined]
+                block = _gram_block(defined, defined, keys)
+                gram[np.ix_(ids, ids)] = block
+                for later in chunks[ci + 1:]:
+                    other = {k: u for k, u in fetch(later).items() if direction_problem(u) is None}
+                    if other:
+                        jds = [index[k] for k in other]
+                        cross = _gram_block(defined, other, keys)
+                        gram[np.ix_(ids, jds)] = cross
+                        gram[np.ix_(jds, ids)] = cross.T
+                    del other
+            timings["geometry"] += time.perf_counter() - t0
+            del dirs, defined
+    assert loss is not None and grad is not None
     ref = sharp.get(reference)
     rows["sharpness"] = []
-    for name, s in sharp.items():
+    for name in all_names:
+        if name in undefined:
+            why = undefined[name]
+            rows["sharpness"].append(
+                {"step": step, "direction": name, "sharpness": math.nan, "raw": math.nan, "shifted_value": None,
+                 "shifted": False, "ratio_to_sgd": None, "ratio_note": why, "grad_correlation": math.nan,
+                 "update_norm": norms.get(name, math.nan), "best_step": None, "predicted_reduction": None,
+                 "loss": loss, "undefined": why}
+            )
+            events.append({"step": step, "message": f"direction {name!r} not measured at step {step}: {why}"})
+            continue
+        s = sharp[name]
         ratio, note = ratio_to_reference(s.value, ref.value if ref is not None else None, reference)
+        if ref is None and reference in undefined:
+            note = f"{reference} is undefined at this step: {undefined[reference]}"
         rows["sharpness"].append(
             {
                 "step": step,
@@ -275,48 +474,26 @@ def measure_step(
             }
         )
     if st.lines:
-        t0 = time.perf_counter()
         rows["lines"] = []
-        for name, u in dirs.items():
-            tell("lines", list(dirs).index(name) + 1, len(dirs))
-            s = sharp[name]
-            uhat = tree.scale(u, 1.0 / s.update_norm)
-            scale = 2 * s.best_step if s.best_step and s.best_step > 0 else 2 * abs(s.grad_correlation) / max(abs(s.value), 1e-12)
-            if not (0 < scale < float("inf")):
-                scale = 1.0
-            grid, losses = adaptive_line(
-                lambda steps, uhat=uhat: objective.losses_along(uhat, steps, x_t),
-                loss,
-                scale,
-                points=st.line_points,
-                min_before=st.line_min_before,
-                max_points=st.line_max_points,
-            )
-            i = int(np.nanargmin(losses))
-            rows["lines"].append(
-                {
-                    "step": step,
-                    "direction": name,
-                    "s": grid,
-                    "loss": losses,
-                    "best_step": float(grid[i]),
-                    "best_loss": float(losses[i]),
-                    "reduction": float(loss - losses[i]),
-                }
-            )
-        timings["lines"] = time.perf_counter() - t0
+        for name in all_names:
+            if name in undefined:
+                rows["lines"].append({"step": step, "direction": name, "s": np.zeros(0), "loss": np.zeros(0),
+                                      "best_step": math.nan, "best_loss": math.nan, "reduction": math.nan,
+                                      "undefined": undefined[name]})
+            else:
+                rows["lines"].append(line_rows[name])
     tell("histograms and cosines")
-    t0 = time.perf_counter()
-    rows["histograms"] = [{"step": step, "direction": n, **log_histogram(u, st.hist_bins)} for n, u in dirs.items()]
-    if st.cosine and len(dirs) > 1:
-        order, cos = cosine_matrix(dirs)
+    rows["histograms"] = [hist_rows[n] for n in all_names if n in hist_rows]
+    if want_cos:
+        norms_g = gram.diag().sqrt()
+        cos = gram / (norms_g[:, None] * norms_g[None, :]).clamp_min(1e-300)
         rows["cosine"] = [
             {"step": step, "a": a, "b": b, "cosine": float(cos[i, j])}
-            for i, a in enumerate(order)
-            for j, b in enumerate(order)
+            for i, a in enumerate(all_names)
+            for j, b in enumerate(all_names)
             if i < j
         ]
-    timings["geometry"] = time.perf_counter() - t0
+    timings["directions"] = time.perf_counter() - t_start
     if x_next is not None and st.smoothness:
         tell("smoothness")
         t0 = time.perf_counter()
@@ -361,16 +538,48 @@ def measure_step(
     if st.curvature is not None:
         from landscape.curvature_measure import measure_curvature
 
-        crows, events, ctimes = measure_curvature(objective, step, x_t, dirs, st.curvature,
-                                                  measurement_index=measurement_index, preconditioners=preconditioners)
+        # The per-layer decomposition needs every (defined) direction at once.
+        wanted = [n for n in all_names if n not in undefined]
+        cdirs = fetch(wanted) if st.curvature.due("layers", measurement_index) else {}
+        crows, cevents, ctimes = measure_curvature(objective, step, x_t, cdirs, st.curvature,
+                                                   measurement_index=measurement_index, preconditioners=preconditioners)
+        del cdirs
         rows.update(crows)
         timings.update(ctimes)
-        if events:
-            rows["_events"] = [{"step": step, "message": m} for m in events]
+        events.extend({"step": step, "message": m} for m in cevents)
+    if events:
+        rows["_events"] = events
     rows["_timings"] = [timings]  # type: ignore[list-item]
     rows["_grad"] = [{"grad": grad, "loss": loss}]  # type: ignore[list-item]
     rows["_engine"] = [_sharpness_engine(objective, x_t, st.method)]  # type: ignore[list-item]
     return rows
+
+
+def _line_row(objective: Objective, step: int, name: str, u: Mapping[str, Tensor], s: Any, loss: float,
+              x_t: Mapping[str, Tensor], st: MeasureSettings) -> dict[str, Any]:
+    """The ``lines`` row of one direction: ``ℓ(s) = f(x − s·û)`` around the quadratic model's step."""
+    uhat = tree.scale(u, 1.0 / s.update_norm)
+    scale = 2 * s.best_step if s.best_step and s.best_step > 0 else 2 * abs(s.grad_correlation) / max(abs(s.value), 1e-12)
+    if not (0 < scale < float("inf")):
+        scale = 1.0
+    grid, losses = adaptive_line(
+        lambda steps, uhat=uhat: objective.losses_along(uhat, steps, x_t),
+        loss,
+        scale,
+        points=st.line_points,
+        min_before=st.line_min_before,
+        max_points=st.line_max_points,
+    )
+    i = int(np.nanargmin(losses))
+    return {
+        "step": step,
+        "direction": name,
+        "s": grid,
+        "loss": losses,
+        "best_step": float(grid[i]),
+        "best_loss": float(losses[i]),
+        "reduction": float(loss - losses[i]),
+    }
 
 
 def _sharpness_engine(objective: Objective, at: Mapping[str, Tensor] | None = None, method: str = "auto") -> dict[str, str]:
