@@ -26,7 +26,7 @@ from landscape.curvature_measure import CurvatureSettings
 from landscape.objective import Objective
 
 __all__ = [
-    "DirectionSource", "MeasureSettings", "adaptive_line", "cosine_matrix", "direction_problem", "log_histogram",
+    "DirectionSource", "MeasureSettings", "adaptive_line", "bracketed_line", "cosine_matrix", "direction_problem", "log_histogram",
     "measure_step", "pseudo_source", "ratio_to_reference",
 ]
 
@@ -39,10 +39,16 @@ class MeasureSettings:
         shift: sharpness shift policy (``"never"``, ``"negative"``, ``"always"``).
         delta: δ of the shifted sharpness ûᵀ∇²f(x − δû)û, a distance ≥ 0 toward the step.
         lines: measure the landscape line of every direction.
-        line_points: points of the first line grid (more are added while extending / refining).
-        line_min_before: the grid is refined until at least this many points lie before the loss
-            first rises above its start.
-        line_max_points: hard cap on points per line.
+        line_points: points of the first evaluation of a line (≥ 2: the quadratic model's best step
+            s* = G/S, 2.5·s* and evenly spaced ones between; :func:`bracketed_line`).
+        line_min_before: points are added until at least this many lie before the loss first rises
+            above its start.
+        line_max_points: hard cap on points per line (s = 0 included).
+        line_tol: relative tolerance of the bracketing search for a line's best step.
+        line_batch: points of a line evaluated in one batched forward (``torch.func.vmap`` over the
+            stacked parameters: that many copies of the parameters and forwards' activations at once;
+            1: one forward per point; 0, the default: 4 on a GPU, 1 on a CPU, where a batched forward
+            is no faster). Not part of a run's settings (the numbers agree to float rounding).
         hist_bins: bins of the log10|u_i| histograms.
         cosine: measure the cosine similarity between every pair of directions.
         smoothness: measure L̂_t along the real step (needs the next point).
@@ -68,9 +74,11 @@ class MeasureSettings:
     shift: str = "negative"
     delta: float = 0.01
     lines: bool = True
-    line_points: int = 8
-    line_min_before: int = 6
-    line_max_points: int = 28
+    line_points: int = 2
+    line_min_before: int = 1
+    line_max_points: int = 10
+    line_tol: float = 0.02
+    line_batch: int = 0
     hist_bins: int = 60
     cosine: bool = True
     smoothness: bool = True
@@ -95,6 +103,12 @@ class MeasureSettings:
             raise ValueError(f"method must be 'auto', 'taylor' or 'hvp', got {self.method!r}")
         if self.robust_curvature not in ("hessian", "ggn"):
             raise ValueError(f"robust_curvature must be 'hessian' or 'ggn', got {self.robust_curvature!r}")
+        if isinstance(self.line_batch, bool) or not isinstance(self.line_batch, int) or self.line_batch < 0:
+            raise ValueError(f"line_batch must be a number of points >= 0 (0: automatic), got {self.line_batch!r}")
+        if not (isinstance(self.line_tol, (int, float)) and 0 < self.line_tol < 1):
+            raise ValueError(f"line_tol must be a fraction in (0, 1), got {self.line_tol!r}")
+        if self.line_points < 2:
+            raise ValueError(f"line_points must be at least 2, got {self.line_points!r}")
         if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 1:
             raise ValueError(f"chunk must be a positive number of directions, got {self.chunk!r}")
         if self.curvature is not None and not isinstance(self.curvature, CurvatureSettings):
@@ -105,6 +119,7 @@ class MeasureSettings:
         d["gammas"] = [float(g) for g in self.gammas]
         d.pop("method")  # how, not what: a run may resume with the other engine
         d.pop("chunk")  # how (memory), not what
+        d.pop("line_batch")
         if d.get("curvature") is None:
             d.pop("curvature")  # absent, so that runs recorded before it existed still resume
         if d.get("robust_curvature") == "hessian":
@@ -172,6 +187,186 @@ def adaptive_line(
             add(np.linspace(s_rise / (n + 1), s_rise * n / (n + 1), n))
     order = np.argsort(s_all)
     return np.asarray(s_all)[order], np.asarray(l_all)[order]
+
+
+def bracketed_line(
+    loss_at: Callable[[np.ndarray], np.ndarray],
+    f0: float,
+    slope: float,
+    curvature: float,
+    *,
+    points: int = 2,
+    min_before: int = 1,
+    max_points: int = 10,
+    tol: float = 0.02,
+    stretch: float = 2.5,
+    batch: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The landscape line ``ℓ(s) = f(x − s·û)``, ``s ≥ 0``, placed from the quadratic model and refined
+    toward its minimum by a bracketing search: a few forward passes instead of a dense grid.
+
+    The quadratic model ``ℓ(s) ≈ f0 − G·s + S·s²/2`` (``G = ∇f·û`` the slope, ``S = ûᵀ∇²f û`` the
+    sharpness, both known from the sharpness pass) has its minimum at ``s* = G/S`` and climbs back
+    to ``f0`` at ``2s*``. So:
+
+    1. the first points are ``s*`` and ``stretch·s*`` (``stretch`` = 2.5, where the model is already
+       above ``f0``), plus ``points − 2`` evenly spaced in between, evaluated ``batch`` at a time
+       (one batched forward where memory allows), nearest first, until one is above ``f0``;
+    2. until the loss at the farthest point rises above ``f0``, the farthest point is tripled (the
+       loss is flatter than its model); if every point is above ``f0`` (the loss rose before ``s*``),
+       the search moves toward 0 using the slope at 0;
+    3. the minimum is refined by successive parabolic interpolation through the lowest point and its
+       neighbours (Brent's safeguards: a golden-section step where the parabola is not trusted), and
+       the search stops when the next estimate is within ``tol`` (relative) of the lowest point;
+    4. points are added evenly before the first rise until ``min_before`` lie there.
+
+    The stored line therefore always shows where the loss rises above its start (unless
+    ``max_points`` is reached first) and a lowest point within about ``tol`` of the minimum of a smooth
+    line. Where ``S ≤ 0`` or ``G ≤ 0`` the scale is ``|G|/|S|`` (or 1; for ``G > 0`` and ``f0 > 0`` at
+    least ``f0/G``, where the linear model reaches zero loss) and a line that rises at once
+    (``G ≤ 0``, an ascent direction) stops as soon as that is seen: its best step is 0.
+
+    Args:
+        loss_at: evaluates ``ℓ`` on an array of steps (several at once where it can).
+        f0: ``ℓ(0)``.
+        slope: ``G = ∇f(x)·û`` (``ℓ'(0) = −G``).
+        curvature: ``S``, the directional sharpness (``ℓ''(0)``, or the shifted value).
+        points: points of the first evaluation (≥ 2).
+        min_before: at least this many points in ``(0, s_rise)``.
+        max_points: cap on points (``s = 0`` included).
+        tol: relative tolerance on the best step.
+        stretch: the first grid spans ``(0, stretch·s*]``.
+        batch: points of the first grid evaluated together (``loss_at`` gets them in one call).
+
+    Returns:
+        ``(s, loss)`` sorted by ``s``, ``s[0] = 0``.
+    """
+    points = max(2, int(points))
+    max_points = max(points + 1, int(max_points))
+    g, S = float(slope), float(curvature)
+    if g > 0 and S > 0:
+        s0 = g / S
+    elif g != 0 and S != 0 and math.isfinite(g) and math.isfinite(S):
+        s0 = abs(g) / abs(S)
+        if g > 0 and f0 > 0:
+            # no quadratic minimum: at least the step where the linear model reaches zero loss (for a
+            # loss ≥ 0 such as a cross-entropy, the farthest its minimum can usefully be sought from)
+            s0 = max(s0, f0 / g)
+    else:
+        s0 = 1.0
+    if not (0 < s0 < float("inf")):
+        s0 = 1.0
+    pts: dict[float, float] = {0.0: float(f0)}
+
+    def add(steps: Iterable[float]) -> None:
+        new = sorted({float(t) for t in steps if t > 0 and math.isfinite(t) and t not in pts})
+        new = new[: max(0, max_points - len(pts))]
+        if new:
+            for t, v in zip(new, np.asarray(loss_at(np.asarray(new, dtype=np.float64)), dtype=np.float64).tolist()):
+                pts[t] = v if math.isfinite(v) else math.inf
+
+    def room() -> int:
+        return max_points - len(pts)
+
+    golden = 0.381966
+    top = stretch * s0
+    first = sorted({s0, top, *np.linspace(top / (points - 1), top * (points - 2) / (points - 1), points - 2).tolist()})
+    # evaluated `batch` at a time, nearest first: once the loss is above its start the rest is not needed
+    for i in range(0, len(first), max(1, int(batch))):
+        add(first[i:i + max(1, int(batch))])
+        if max(pts.values()) > f0:
+            break
+    # 2a. the loss rises before s*: move toward 0 (the parabola through f0, the slope at 0 and the
+    # nearest point, kept within a factor 4 of it: the loss is then steeper than its model)
+    shrinks = 0
+    while g > 0 and min(v for t, v in pts.items() if t > 0) > f0 and room() > 0 and shrinks < 8:
+        s1 = min(t for t in pts if t > 0)
+        rise = pts[s1] - f0 + g * s1
+        guess = g * s1 * s1 / (2 * rise) if rise > 0 and math.isfinite(rise) else s1 / 4
+        add([min(max(guess, s1 / 4), s1 / 2)])
+        shrinks += 1
+    # 2b. extend until the loss rises above its start
+    while pts[max(pts)] <= f0 and room() > 0:
+        add([3 * max(pts)])
+    # 3. the minimum: first a bracket a < m < c within a factor `ratio` on each side (geometric
+    # steps: the lines' scales differ from their quadratic models by factors, not offsets), then
+    # successive parabolic interpolation through the bracket (Brent's method without its bookkeeping)
+    ratio = 3.0
+    parabolic = 0
+    while room() > 0:
+        s_sorted = sorted(pts)
+        values = [pts[t] for t in s_sorted]
+        b = int(np.argmin(values))
+        if b == 0 or b == len(s_sorted) - 1:
+            break  # best at 0 (the loss rose at once) or at the farthest point (max_points reached)
+        a, m, c = s_sorted[b - 1], s_sorted[b], s_sorted[b + 1]
+        fa, fm, fc = values[b - 1], values[b], values[b + 1]
+        if c / m > ratio and (a == 0 or c / m >= m / a):
+            add([math.sqrt(m * c)])
+            continue
+        if a > 0 and m / a > ratio:
+            add([math.sqrt(a * m)])
+            continue
+        if parabolic >= 3:
+            break
+        den = (m - a) * (fm - fc) - (m - c) * (fm - fa)
+        num = (m - a) ** 2 * (fm - fc) - (m - c) ** 2 * (fm - fa)
+        u_par = m - 0.5 * num / den if den != 0 and math.isfinite(fa + fc) else math.nan
+        u_cub = _cubic_min(f0, g, m, fm, c, fc) if a == 0 and g > 0 else math.nan
+        lo, hi = a + 0.1 * (m - a), c - 0.1 * (c - m)
+        inside = [u for u in (u_cub, u_par) if lo < u < hi]
+        if inside and all(abs(u - m) <= tol * m for u in inside) and len(inside) == len(
+                [u for u in (u_cub, u_par) if math.isfinite(u)]):
+            break  # every model of the bracket puts the minimum at the lowest point
+        far = [u for u in inside if abs(u - m) > tol * m]
+        if far:
+            u = far[0]  # the cubic (slope at 0 known) first, else the parabola
+        else:
+            # golden-section step into the larger side
+            u = m + golden * (c - m) if c - m > m - a else m - golden * (m - a)
+        parabolic += 1
+        add([u])
+    # 4. enough points before the rise
+    s_sorted = sorted(pts)
+    above = [t for t in s_sorted if t > 0 and pts[t] > f0]
+    s_rise = above[0] if above else s_sorted[-1]
+    before = sum(1 for t in s_sorted if 0 < t < s_rise)
+    if before < min_before and room() > 0:
+        n = min(room(), min_before - before)
+        gaps = [t for t in s_sorted if t <= s_rise]
+        # split the widest gaps before the rise
+        new = []
+        for _ in range(n):
+            cand = sorted(gaps + new)
+            widths = [(cand[i + 1] - cand[i], i) for i in range(len(cand) - 1)]
+            w, i = max(widths)
+            new.append(cand[i] + w / 2)
+        add(new)
+    order = sorted(pts)
+    return np.asarray(order, dtype=np.float64), np.asarray([pts[t] for t in order], dtype=np.float64)
+
+
+def _cubic_min(f0: float, g: float, m: float, fm: float, c: float, fc: float) -> float:
+    """The local minimum in ``(0, c)`` of the cubic through ``(0, f0)`` with slope ``−g`` there and
+    through ``(m, fm)``, ``(c, fc)`` (NaN when it has none): the slope at 0 is known exactly from the
+    sharpness pass, so a line bracketed by ``0 < m < c`` is refined with it."""
+    if not all(math.isfinite(v) for v in (fm, fc)):
+        return math.nan
+    # ℓ(s) − f0 + g·s = A s² + B s³ at m and c
+    rm, rc = fm - f0 + g * m, fc - f0 + g * c
+    det = m * m * c ** 3 - c * c * m ** 3
+    if det == 0:
+        return math.nan
+    A = (rm * c ** 3 - rc * m ** 3) / det
+    B = (m * m * rc - c * c * rm) / det
+    # ℓ'(s) = −g + 2A s + 3B s² = 0
+    if abs(B) < 1e-12 * max(abs(A), 1e-300):
+        return g / (2 * A) if A > 0 else math.nan
+    disc = 4 * A * A + 12 * B * g
+    if disc < 0:
+        return math.nan
+    root = (-2 * A + math.sqrt(disc)) / (6 * B)  # the root where ℓ'' = 2A + 6Bs > 0
+    return root if 0 < root < c else math.nan
 
 
 def log_histogram(u: Mapping[str, Tensor], bins: int = 60) -> dict[str, Any]:
@@ -419,6 +614,7 @@ def measure_step(
                     line_rows[name] = _line_row(objective, step, name, u, sharp[name], loss, x_t, st)
                 timings["lines"] += time.perf_counter() - t0
             t0 = time.perf_counter()
+            tell("histograms and cosines", *((ci + 1, len(chunks)) if len(chunks) > 1 else (0, 0)))
             for name, u in dirs.items():
                 if name in undefined and "non-finite" in undefined[name]:
                     continue
@@ -482,7 +678,6 @@ def measure_step(
                                       "undefined": undefined[name]})
             else:
                 rows["lines"].append(line_rows[name])
-    tell("histograms and cosines")
     rows["histograms"] = [hist_rows[n] for n in all_names if n in hist_rows]
     if want_cos:
         norms_g = gram.diag().sqrt()
@@ -559,17 +754,19 @@ def _line_row(objective: Objective, step: int, name: str, u: Mapping[str, Tensor
               x_t: Mapping[str, Tensor], st: MeasureSettings) -> dict[str, Any]:
     """The ``lines`` row of one direction: ``ℓ(s) = f(x − s·û)`` around the quadratic model's step."""
     uhat = tree.scale(u, 1.0 / s.update_norm)
-    scale = 2 * s.best_step if s.best_step and s.best_step > 0 else 2 * abs(s.grad_correlation) / max(abs(s.value), 1e-12)
-    if not (0 < scale < float("inf")):
-        scale = 1.0
-    grid, losses = adaptive_line(
-        lambda steps, uhat=uhat: objective.losses_along(uhat, steps, x_t),
+    batch = st.line_batch or (4 if next(iter(uhat.values())).is_cuda else 1)
+    grid, losses = bracketed_line(
+        lambda steps, uhat=uhat: objective.losses_along(uhat, steps, x_t, batch=batch),
         loss,
-        scale,
+        s.grad_correlation,
+        s.value,
         points=st.line_points,
         min_before=st.line_min_before,
         max_points=st.line_max_points,
+        tol=st.line_tol,
+        batch=batch,
     )
+    losses = np.where(np.isfinite(losses), losses, np.nan)
     i = int(np.nanargmin(losses))
     return {
         "step": step,

@@ -600,10 +600,22 @@ class Objective:
         return self.second_order(vs, at)[2]
 
     def losses_along(
-        self, direction: Mapping[str, Tensor], steps: Sequence[float] | np.ndarray, at: Mapping[str, Tensor] | None = None
+        self, direction: Mapping[str, Tensor], steps: Sequence[float] | np.ndarray, at: Mapping[str, Tensor] | None = None,
+        *, batch: int = 1,
     ) -> np.ndarray:
         """``f(at − s·direction)`` for each ``s`` in ``steps`` (forward passes only; the direction is
-        used as given, not normalised)."""
+        used as given, not normalised).
+
+        Args:
+            direction: the direction.
+            steps: the steps ``s``.
+            at: the point (default: current parameters).
+            batch: evaluate up to this many steps in one batched forward (``torch.func.vmap`` over
+                the parameters stacked along a new leading dimension: ``batch`` copies of the
+                measured parameters and ``batch`` forwards' activations at once). A model that
+                cannot be vmapped (in-place updates of buffers, data-dependent Python control
+                flow...) is evaluated one step at a time, from then on for this objective.
+        """
         self._check_direction(direction)
         point = self._point(at)
         names = self.names
@@ -613,14 +625,50 @@ class Objective:
         # Everything but the measured entries is the same at every point (in eval mode: train mode
         # copies the buffers afresh for each call, as BatchNorm updates them in place).
         fixed = self._swap(point) if self.mode == "eval" else None
+        steps = [float(s) for s in steps]
         out = np.empty(len(steps), dtype=np.float64)
         with self._context(), torch.no_grad():
-            for j, s in enumerate(steps):
-                moved = torch._foreach_add(base, d, alpha=-float(s)) if s else base
-                swap = dict(fixed) if fixed is not None else self._swap(point)
-                swap.update(zip(names, moved))
-                out[j] = sum(w * float(self._call_swapped(swap, b)) for w, b in zip(self.batches.weights, batches))
+            j = 0
+            while j < len(steps):
+                group = steps[j:j + max(1, int(batch))]
+                vals = None
+                if len(group) > 1 and fixed is not None and self.__dict__.get("_vmap_lines") is not False:
+                    vals = self._losses_vmapped(base, d, group, fixed, batches)
+                if vals is None:
+                    vals = []
+                    for s in group:
+                        moved = torch._foreach_add(base, d, alpha=-s) if s else base
+                        swap = dict(fixed) if fixed is not None else self._swap(point)
+                        swap.update(zip(names, moved))
+                        vals.append(sum(w * float(self._call_swapped(swap, b)) for w, b in zip(self.batches.weights, batches)))
+                out[j:j + len(group)] = vals
+                j += len(group)
         return out
+
+    def _losses_vmapped(self, base: list[Tensor], d: list[Tensor], steps: list[float], fixed: Mapping[str, Tensor],
+                        batches: list[Any]) -> list[float] | None:
+        """The losses at ``base − s·d`` for every ``s`` of ``steps`` in one vmapped forward per micro-batch,
+        or ``None`` when the model cannot be vmapped (then never tried again for this objective)."""
+        names = self.names
+        ss = torch.tensor(steps, dtype=base[0].dtype, device=base[0].device)
+        try:
+            stacked = [b.unsqueeze(0) - ss.view(-1, *([1] * b.dim())).to(b.dtype) * v.unsqueeze(0) for b, v in zip(base, d)]
+            total = torch.zeros(len(steps), dtype=torch.float64)
+            for w, b in zip(self.batches.weights, batches):
+                def one(*moved: Tensor, b: Any = b) -> Tensor:
+                    swap = dict(fixed)
+                    swap.update(zip(names, moved))
+                    return self._call_swapped(swap, b)
+
+                # the fused attention kernels have no batching rule (vmap would loop over them)
+                with sdpa_kernel(SDPBackend.MATH):
+                    total += w * torch.func.vmap(one)(*stacked).double().cpu()
+            del stacked
+        except Exception:  # noqa: BLE001 - anything vmap cannot do: one forward per step instead
+            self._vmap_lines = False
+            return None
+        self._vmap_lines = True
+        return total.tolist()
 
     def check_deterministic(self, rtol: float = 1e-6) -> float:
         """Evaluate ``f`` twice at the current parameters under different RNG seeds.
