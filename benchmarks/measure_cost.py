@@ -19,7 +19,7 @@ parameters, probe batch 4 × 128 random tokens, AdamW, every recipe): counting o
 with progress on stderr.
 
     OMP_NUM_THREADS=1 python benchmarks/measure_cost.py [--steps 1,60,120] [--repeats 3] [--line-batch 0]
-    OMP_NUM_THREADS=1 python benchmarks/measure_cost.py --gpt2-small [--state-dtype bfloat16]
+    OMP_NUM_THREADS=1 python benchmarks/measure_cost.py --gpt2-small [--state-dtype bfloat16] [--chunk 2]
 """
 
 from __future__ import annotations
@@ -62,10 +62,15 @@ def counting_measure(results: list[dict], timed_step: int | None, repeats: int, 
                  "shifted": sum(bool(r["shifted"]) for r in rows["sharpness"]),
                  "directions": len(rows["sharpness"]), "engine": rows["_engine"][0]["engine"]}
         if step == timed_step and repeats > 0:
-            fb, ms = [], []
+            fb, ms, phase_times = [], [], []
             for _ in range(repeats):
                 fb.append(statistics.median(_time(lambda: objective.loss_and_grad(at)) for _ in range(5)))
-                ms.append(_time(lambda: measure_step(objective, step, at, directions, **kw)))
+                t1 = time.perf_counter()
+                again = measure_step(objective, step, at, directions, **kw)
+                ms.append(time.perf_counter() - t1)
+                phase_times.append(again["_timings"][0])
+            entry["phase_times"] = {k: statistics.median(t.get(k, 0.0) for t in phase_times) / statistics.median(fb)
+                                    for k in ("sharpness", "lines", "geometry", "smoothness")}
             entry["time_ratio"] = statistics.median(ms) / statistics.median(fb)
             entry["fwd_bwd_seconds"] = statistics.median(fb)
             entry["measure_seconds"] = statistics.median(ms)
@@ -101,6 +106,9 @@ def report(entry: dict) -> None:
     if "time_ratio" in entry:
         print(f"  time of the measurement / time of one forward+backward: {entry['time_ratio']:.1f} "
               f"({entry['measure_seconds']:.2f} s / {entry['fwd_bwd_seconds'] * 1e3:.1f} ms, medians of interleaved repeats)")
+        print("  its phases in time of one forward+backward: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in entry["phase_times"].items())
+              + " (elementwise work, which the FLOP count leaves out, weighs on a model this small)")
 
 
 def demo(args) -> None:
@@ -113,7 +121,7 @@ def demo(args) -> None:
     cfg = DemoConfig(steps=max(steps), every=every)
     results: list[dict] = []
     probe_module.measure_step = counting_measure(results, steps[-1], args.repeats, args.verbose)
-    settings = MeasureSettings(line_batch=args.line_batch)
+    settings = MeasureSettings(line_batch=args.line_batch, chunk=args.chunk)
     with tempfile.TemporaryDirectory() as tmp:
         run_demo(Path(tmp) / "demo", cfg, settings=settings)
     print(f"demo model (landscape demo: width {cfg.width}, depth {cfg.depth}, probe batch {cfg.probe_size} x "
@@ -148,7 +156,7 @@ def gpt2_small(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         probe = probe_module.Probe(model, loss_fn, probe_batch, out=Path(tmp) / "gpt2", every=1,
                                    state_dtype=dtype, save_state=False,
-                                   settings=MeasureSettings(line_batch=args.line_batch))
+                                   settings=MeasureSettings(line_batch=args.line_batch, chunk=args.chunk))
         probe.attach(opt)
         model.train()
         x = torch.randint(0, config.vocab_size, (4, 128), generator=gen)
@@ -171,6 +179,7 @@ def main() -> None:
     ap.add_argument("--steps", default="1,60,120", help="measured steps of the demo run (1 and multiples of one interval)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the timed (last) measurement")
     ap.add_argument("--line-batch", type=int, default=0, help="MeasureSettings.line_batch (0: automatic)")
+    ap.add_argument("--chunk", type=int, default=4, help="MeasureSettings.chunk (directions at a time; no effect on the count)")
     ap.add_argument("--gpt2-small", action="store_true", help="count one measurement of GPT-2 small instead")
     ap.add_argument("--state-dtype", default="bfloat16", choices=["float32", "bfloat16"],
                     help="recipe state dtype for --gpt2-small (bfloat16 keeps it within a 24 GiB machine)")

@@ -45,7 +45,9 @@ class MeasurementCost:
         unit: FLOPs of one forward+backward.
         forward_ratio: FLOPs of one forward / :attr:`unit`.
         phases: ``{phase: forward+backward equivalents}`` after exit (phases as measure_step names
-            them: ``"sharpness"``, ``"lines"``, ``"histograms and cosines"``, ``"smoothness"``...).
+            them: ``"sharpness"``, ``"lines"``, ``"histograms and cosines"``, ``"smoothness"``...;
+            ``"trace (once per objective)"``: the first measurement records the loss for the Taylor
+            sweep before its first phase).
         total: their sum.
         calls: ``{"grad": n, "no_grad": n}`` model calls (Taylor sweeps do not call the model).
     """
@@ -62,7 +64,7 @@ class MeasurementCost:
         self.phases: dict[str, float] = {}
         self.calls = {"grad": 0, "no_grad": 0}
         self.total = 0.0
-        self._phase = "setup"
+        self._phase = "trace (once per objective)"
         self._mark = 0
         self._fc: FlopCounterMode | None = None
         self._hook: Any = None
@@ -98,5 +100,6 @@ class MeasurementCost:
             self._fc.__exit__(*exc)
             self._fc = None
             self._hook.remove()
-        self.phases.pop("setup", None) if self.phases.get("setup", 0.0) == 0 else None
+        if not self.phases.get("trace (once per objective)"):
+            self.phases.pop("trace (once per objective)", None)
         self.total = float(sum(self.phases.values()))

@@ -115,6 +115,26 @@ def _unit(objective: Objective, name: str, u: Mapping[str, Tensor]) -> tuple[dic
         raise ValueError(f"direction {name!r}: {e}") from None
 
 
+def _checked(objective: Objective, name: str, u: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], float]:
+    """``(u restricted to the measured parameters, ‖u‖₂)``; raises as :func:`_unit` does."""
+    missing = [n for n in objective.names if n not in u]
+    if missing:
+        raise KeyError(f"direction {name!r} lacks measured parameters {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    sub = {n: u[n] for n in objective.names}
+    bad = tree.nonfinite_names(sub)
+    if bad:
+        raise ValueError(f"direction {name!r} has non-finite entries in {bad[:5]}")
+    n = float(tree.norm(sub))
+    if not math.isfinite(n) or n == 0.0:
+        raise ValueError(f"direction {name!r}: cannot normalise a direction with norm {n}: it must be finite and non-zero")
+    return sub, n
+
+
+def _rescale(firsts: Sequence[float], seconds: Sequence[float], norms: Sequence[float]) -> tuple[list[float], list[float]]:
+    """The derivatives along u turned into those along û = u/‖u‖: ∇f·u/‖u‖ and uᵀAu/‖u‖²."""
+    return [float(f) / n for f, n in zip(firsts, norms)], [float(v) / (n * n) for v, n in zip(seconds, norms)]
+
+
 def directional_sharpness(
     objective: Objective,
     directions: Mapping[str, Mapping[str, Tensor]],
@@ -261,11 +281,12 @@ class SharpnessMeter:
 
         objective = self.objective
         names = list(directions)
+        # The directions as given (no normalised copies: memory), the derivatives rescaled by ‖u‖ and ‖u‖²
         units: list[dict[str, Tensor]] = []
         norms: list[float] = []
         for name in names:
-            uhat, n = _unit(objective, name, directions[name])
-            units.append(uhat)
+            u, n = _checked(objective, name, directions[name])
+            units.append(u)
             norms.append(n)
         if not units:
             return {}
@@ -274,6 +295,7 @@ class SharpnessMeter:
             # matrix); the gradient comes on the way.
             engine = self._open_operator()
             loss, g_corrs, raws = engine.directional_derivatives(units)
+            g_corrs, raws = _rescale(g_corrs, raws, norms)
             if self.loss is None:
                 self.loss = loss
             if self.need_grad:
@@ -283,13 +305,14 @@ class SharpnessMeter:
             if self._session is None:
                 self._session = DirectionalDerivatives(objective, self.at, self.method)
             loss, g_corrs, raws, used = self._session(units, stacklevel=stacklevel + 1)
+            g_corrs, raws = _rescale(g_corrs, raws, norms)
             if self.loss is None:
                 self.loss = loss
             if self.need_grad:
                 grad = self.ensure_grad()[1]
                 if used == "taylor":
                     # Free cross-check of the two engines: the sweep's ∇f·û against autograd's gradient.
-                    reason = _first_order_mismatch(grad, units, g_corrs)
+                    reason = _first_order_mismatch(grad, units, g_corrs, norms)
                     if reason is not None:
                         if self.method == "taylor":
                             from landscape.taylor import UnsupportedGraph
@@ -312,13 +335,15 @@ class SharpnessMeter:
             shifted_value = None
             if self.shift == "always" or (self.shift == "negative" and raw < 0):
                 # Toward the step x − η·u (seed 002 App. B.3): x − δû.
-                shifted_at = tree.axpy(-self.delta, {n: units[i][n].to(point[n].dtype) for n in objective.names}, point)
+                shifted_at = tree.axpy(-self.delta / norms[i], {n: units[i][n].to(point[n].dtype) for n in objective.names},
+                                       point)
                 if self.curvature != "hessian":
                     with curvature_operator(objective, self.curvature, shifted_at) as op:
-                        shifted_value = float(op.quadratic_forms([units[i]])[0])
+                        shifted_value = float(op.quadratic_forms([units[i]])[0]) / norms[i] ** 2
                 else:
                     _, _, (shifted_value,), _ = objective.directional_derivatives([units[i]], shifted_at, method=used)
-                    shifted_value = float(shifted_value)
+                    shifted_value = float(shifted_value) / norms[i] ** 2
+                del shifted_at
             use_shift = shifted_value is not None
             value = shifted_value if use_shift else raw
             best = pred = None
@@ -366,13 +391,14 @@ def _check_delta(delta: float) -> None:
         )
 
 
-def _first_order_mismatch(grad: dict[str, Tensor], units: list[dict[str, Tensor]], g_corrs: list[float]) -> str | None:
+def _first_order_mismatch(grad: dict[str, Tensor], units: list[dict[str, Tensor]], g_corrs: list[float],
+                          norms: list[float] | None = None) -> str | None:
     """Why the Taylor sweep's ∇f·û disagrees with autograd's gradient (``None`` when it agrees to the
-    rounding of the parameters' dtype, relative to ‖∇f‖)."""
+    rounding of the parameters' dtype, relative to ‖∇f‖). ``units[i] / norms[i]`` is û (norms: 1)."""
     dtype = next(iter(grad.values())).dtype
     tol = max(1e-4, 100 * torch.finfo(dtype).eps) * float(tree.norm(grad)) + 1e-12
     for i, u in enumerate(units):
-        ref = float(tree.dot(grad, u))
+        ref = float(tree.dot(grad, u)) / (norms[i] if norms is not None else 1.0)
         if not abs(ref - g_corrs[i]) <= tol:
             return (
                 f"the Taylor sweep's gradient projection ({g_corrs[i]!r}) disagrees with autograd's ({ref!r}): the "

@@ -509,10 +509,14 @@ def _gram_block(a: Mapping[str, Mapping[str, Tensor]], b: Mapping[str, Mapping[s
     """``⟨u_a, u_b⟩`` for every pair of a chunk ``a`` and a chunk ``b``, in float64, one parameter
     tensor at a time."""
     out = torch.zeros(len(a), len(b), dtype=torch.float64)
+    piece = 1 << 22  # float64 copies of at most this many coordinates per direction at a time
     for key in keys:
-        ba = torch.stack([u[key].detach().reshape(-1).double() for u in a.values()])
-        bb = ba if a is b else torch.stack([u[key].detach().reshape(-1).double() for u in b.values()])
-        out += (ba @ bb.T).cpu()
+        n = next(iter(a.values()))[key].numel()
+        for lo in range(0, n, piece):
+            ba = torch.stack([u[key].detach().reshape(-1)[lo:lo + piece].double() for u in a.values()])
+            bb = ba if a is b else torch.stack([u[key].detach().reshape(-1)[lo:lo + piece].double() for u in b.values()])
+            out += (ba @ bb.T).cpu()
+            del ba, bb
     return out
 
 
