@@ -24,6 +24,7 @@ import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from landscape.trace import TraceEstimate, hutchinson_trace
 __all__ = [
     "SHIFT_POLICIES",
     "Sharpness",
+    "SharpnessMeter",
     "TraceEstimate",
     "directional_sharpness",
     "hessian_trace",
@@ -113,6 +115,26 @@ def _unit(objective: Objective, name: str, u: Mapping[str, Tensor]) -> tuple[dic
         raise ValueError(f"direction {name!r}: {e}") from None
 
 
+def _checked(objective: Objective, name: str, u: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], float]:
+    """``(u restricted to the measured parameters, ‖u‖₂)``; raises as :func:`_unit` does."""
+    missing = [n for n in objective.names if n not in u]
+    if missing:
+        raise KeyError(f"direction {name!r} lacks measured parameters {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    sub = {n: u[n] for n in objective.names}
+    bad = tree.nonfinite_names(sub)
+    if bad:
+        raise ValueError(f"direction {name!r} has non-finite entries in {bad[:5]}")
+    n = float(tree.norm(sub))
+    if not math.isfinite(n) or n == 0.0:
+        raise ValueError(f"direction {name!r}: cannot normalise a direction with norm {n}: it must be finite and non-zero")
+    return sub, n
+
+
+def _rescale(firsts: Sequence[float], seconds: Sequence[float], norms: Sequence[float]) -> tuple[list[float], list[float]]:
+    """The derivatives along u turned into those along û = u/‖u‖: ∇f·u/‖u‖ and uᵀAu/‖u‖²."""
+    return [float(f) / n for f, n in zip(firsts, norms)], [float(v) / (n * n) for v, n in zip(seconds, norms)]
+
+
 def directional_sharpness(
     objective: Objective,
     directions: Mapping[str, Mapping[str, Tensor]],
@@ -185,84 +207,177 @@ def _sharpness(
     need_grad: bool,
     curvature: str = "hessian",
 ) -> tuple[dict[str, Sharpness], float, dict[str, Tensor] | None]:
-    if shift not in SHIFT_POLICIES:
-        raise ValueError(f"shift must be one of {SHIFT_POLICIES}, got {shift!r}")
-    _check_delta(delta)
-    if method not in ("auto", "taylor", "hvp"):
-        raise ValueError(f"method must be 'auto', 'taylor' or 'hvp', got {method!r}")
     if not directions:
+        if shift not in SHIFT_POLICIES:
+            raise ValueError(f"shift must be one of {SHIFT_POLICIES}, got {shift!r}")
+        _check_delta(delta)
+        if method not in ("auto", "taylor", "hvp"):
+            raise ValueError(f"method must be 'auto', 'taylor' or 'hvp', got {method!r}")
         if need_grad:
             loss, grad = objective.loss_and_grad(at)
             return {}, loss, grad
         return {}, objective.loss(at), None
-    names = list(directions)
-    units: list[dict[str, Tensor]] = []
-    norms: list[float] = []
-    for name in names:
-        uhat, n = _unit(objective, name, directions[name])
-        units.append(uhat)
-        norms.append(n)
+    with SharpnessMeter(objective, at=at, shift=shift, delta=delta, method=method, curvature=curvature,
+                        need_grad=need_grad) as meter:
+        out = meter.measure(directions, stacklevel=5)
+        return out, meter.loss, meter.grad
 
-    grad: dict[str, Tensor] | None = None
-    if curvature != "hessian" or method == "hvp" or (method == "auto" and objective.taylor_support(at) is not None):
-        # A product engine (landscape.linops: the Hessian by double backward, or the Gauss–Newton
-        # matrix); the gradient comes on the way.
-        with curvature_operator(objective, curvature, at) as engine:
-            loss, g_corrs, raws = engine.directional_derivatives(units)
-            grad = engine.loss_and_grad()[1]
-        used = "hvp" if curvature == "hessian" else curvature
-    else:
-        loss, g_corrs, raws, used = objective.directional_derivatives(units, at, method=method)
-        if need_grad:
-            grad = objective.grad(at)
-            if used == "taylor":
-                # Free cross-check of the two engines: the sweep's ∇f·û against autograd's gradient.
-                reason = _first_order_mismatch(grad, units, g_corrs)
-                if reason is not None:
-                    if method == "taylor":
-                        from landscape.taylor import UnsupportedGraph
 
-                        raise UnsupportedGraph(reason)
-                    warnings.warn(f"landscape: {reason}; using Hessian-vector products from now on",
-                                  RuntimeWarning, stacklevel=3)
-                    objective._disable_taylor(reason)
-                    return _sharpness(objective, directions, at=at, shift=shift, delta=delta, method="hvp",
-                                      need_grad=need_grad)
-    point = objective._point(at)
-    out: dict[str, Sharpness] = {}
-    for i, name in enumerate(names):
-        raw = float(raws[i])
-        g_corr = float(g_corrs[i])
-        shifted_value = None
-        if shift == "always" or (shift == "negative" and raw < 0):
-            # Toward the step x − η·u (seed 002 App. B.3): x − δû.
-            shifted_at = tree.axpy(-delta, {n: units[i][n].to(point[n].dtype) for n in objective.names}, point)
-            if curvature != "hessian":
-                with curvature_operator(objective, curvature, shifted_at) as op:
-                    shifted_value = float(op.quadratic_forms([units[i]])[0])
+class SharpnessMeter:
+    """Directional sharpness at one point, for directions given a chunk at a time.
+
+    What :func:`sharpness_and_gradient` computes, with the work that does not depend on the
+    directions done once: the engine is chosen once, the gradient at ``at`` is computed once (on the
+    first :meth:`measure`), the Taylor sweep's primal values (one micro-batch) or the retained
+    ``create_graph`` gradient are kept until :meth:`close`. A measurement that holds only a few
+    directions at once (``MeasureSettings.chunk``) measures them with the same numbers as all at once.
+
+    Args: as :func:`sharpness_and_gradient`; ``need_grad``: compute ``∇f(at)`` (:attr:`grad`).
+    """
+
+    def __init__(self, objective: Objective, *, at: Point = None, shift: str = "negative", delta: float = 0.01,
+                 method: str = "auto", curvature: str = "hessian", need_grad: bool = True) -> None:
+        if shift not in SHIFT_POLICIES:
+            raise ValueError(f"shift must be one of {SHIFT_POLICIES}, got {shift!r}")
+        _check_delta(delta)
+        if method not in ("auto", "taylor", "hvp"):
+            raise ValueError(f"method must be 'auto', 'taylor' or 'hvp', got {method!r}")
+        self.objective = objective
+        self.at = at
+        self.shift = shift
+        self.delta = delta
+        self.method = method
+        self.curvature = curvature
+        self.need_grad = need_grad
+        self.point = objective._point(at)
+        self.loss: float | None = None
+        self.grad: dict[str, Tensor] | None = None
+        self.used: str | None = None
+        self._operator: Any = None  # product engine (linops), kept open
+        self._session: Any = None  # Taylor / HVP session (objective.DirectionalDerivatives)
+        self._product = curvature != "hessian" or method == "hvp" or (
+            method == "auto" and objective.taylor_support(at) is not None)
+
+    def ensure_grad(self) -> tuple[float, dict[str, Tensor]]:
+        """``(f(at), ∇f(at))`` (computed once)."""
+        if self.grad is None:
+            if self._product:
+                loss, self.grad = self._open_operator().loss_and_grad()
             else:
-                _, _, (shifted_value,), _ = objective.directional_derivatives([units[i]], shifted_at, method=used)
-                shifted_value = float(shifted_value)
-        use_shift = shifted_value is not None
-        value = shifted_value if use_shift else raw
-        best = pred = None
-        if value > 0:
-            best = g_corr / value
-            pred = g_corr * g_corr / (2 * value)
-        out[name] = Sharpness(
-            value=value,
-            raw=raw,
-            shifted=use_shift,
-            shifted_value=shifted_value,
-            grad_correlation=g_corr,
-            update_norm=norms[i],
-            best_step=best,
-            predicted_reduction=pred,
-            loss=loss,
-            delta=delta,
-            mode=objective.mode,
-        )
-    return out, loss, grad
+                loss, self.grad = self.objective.loss_and_grad(self.at)
+            if self.loss is None:
+                self.loss = loss
+        assert self.loss is not None
+        return self.loss, self.grad
+
+    def _open_operator(self) -> Any:
+        if self._operator is None:
+            self._operator = curvature_operator(self.objective, self.curvature, self.at)
+        return self._operator
+
+    def measure(self, directions: Mapping[str, Mapping[str, Tensor]], stacklevel: int = 2) -> dict[str, Sharpness]:
+        """``{name: Sharpness}`` of the directions (in the order given)."""
+        from landscape.objective import DirectionalDerivatives
+
+        objective = self.objective
+        names = list(directions)
+        # The directions as given (no normalised copies: memory), the derivatives rescaled by ‖u‖ and ‖u‖²
+        units: list[dict[str, Tensor]] = []
+        norms: list[float] = []
+        for name in names:
+            u, n = _checked(objective, name, directions[name])
+            units.append(u)
+            norms.append(n)
+        if not units:
+            return {}
+        if self._product:
+            # A product engine (landscape.linops: the Hessian by double backward, or the Gauss–Newton
+            # matrix); the gradient comes on the way.
+            engine = self._open_operator()
+            loss, g_corrs, raws = engine.directional_derivatives(units)
+            g_corrs, raws = _rescale(g_corrs, raws, norms)
+            if self.loss is None:
+                self.loss = loss
+            if self.need_grad:
+                self.ensure_grad()
+            used = "hvp" if self.curvature == "hessian" else self.curvature
+        else:
+            if self._session is None:
+                self._session = DirectionalDerivatives(objective, self.at, self.method)
+            loss, g_corrs, raws, used = self._session(units, stacklevel=stacklevel + 1)
+            g_corrs, raws = _rescale(g_corrs, raws, norms)
+            if self.loss is None:
+                self.loss = loss
+            if self.need_grad:
+                grad = self.ensure_grad()[1]
+                if used == "taylor":
+                    # Free cross-check of the two engines: the sweep's ∇f·û against autograd's gradient.
+                    reason = _first_order_mismatch(grad, units, g_corrs, norms)
+                    if reason is not None:
+                        if self.method == "taylor":
+                            from landscape.taylor import UnsupportedGraph
+
+                            raise UnsupportedGraph(reason)
+                        warnings.warn(f"landscape: {reason}; using Hessian-vector products from now on",
+                                      RuntimeWarning, stacklevel=stacklevel)
+                        objective._disable_taylor(reason)
+                        self._session.close()
+                        self._session = None
+                        self.method = "hvp"
+                        self._product = True
+                        return self.measure(directions, stacklevel=stacklevel + 1)
+        self.used = used
+        point = self.point
+        out: dict[str, Sharpness] = {}
+        for i, name in enumerate(names):
+            raw = float(raws[i])
+            g_corr = float(g_corrs[i])
+            shifted_value = None
+            if self.shift == "always" or (self.shift == "negative" and raw < 0):
+                # Toward the step x − η·u (seed 002 App. B.3): x − δû.
+                shifted_at = tree.axpy(-self.delta / norms[i], {n: units[i][n].to(point[n].dtype) for n in objective.names},
+                                       point)
+                if self.curvature != "hessian":
+                    with curvature_operator(objective, self.curvature, shifted_at) as op:
+                        shifted_value = float(op.quadratic_forms([units[i]])[0]) / norms[i] ** 2
+                else:
+                    _, _, (shifted_value,), _ = objective.directional_derivatives([units[i]], shifted_at, method=used)
+                    shifted_value = float(shifted_value) / norms[i] ** 2
+                del shifted_at
+            use_shift = shifted_value is not None
+            value = shifted_value if use_shift else raw
+            best = pred = None
+            if value > 0:
+                best = g_corr / value
+                pred = g_corr * g_corr / (2 * value)
+            out[name] = Sharpness(
+                value=value,
+                raw=raw,
+                shifted=use_shift,
+                shifted_value=shifted_value,
+                grad_correlation=g_corr,
+                update_norm=norms[i],
+                best_step=best,
+                predicted_reduction=pred,
+                loss=loss,
+                delta=self.delta,
+                mode=objective.mode,
+            )
+        return out
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+        if self._operator is not None:
+            self._operator.close()
+            self._operator = None
+
+    def __enter__(self) -> SharpnessMeter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def _check_delta(delta: float) -> None:
@@ -276,13 +391,14 @@ def _check_delta(delta: float) -> None:
         )
 
 
-def _first_order_mismatch(grad: dict[str, Tensor], units: list[dict[str, Tensor]], g_corrs: list[float]) -> str | None:
+def _first_order_mismatch(grad: dict[str, Tensor], units: list[dict[str, Tensor]], g_corrs: list[float],
+                          norms: list[float] | None = None) -> str | None:
     """Why the Taylor sweep's ∇f·û disagrees with autograd's gradient (``None`` when it agrees to the
-    rounding of the parameters' dtype, relative to ‖∇f‖)."""
+    rounding of the parameters' dtype, relative to ‖∇f‖). ``units[i] / norms[i]`` is û (norms: 1)."""
     dtype = next(iter(grad.values())).dtype
     tol = max(1e-4, 100 * torch.finfo(dtype).eps) * float(tree.norm(grad)) + 1e-12
     for i, u in enumerate(units):
-        ref = float(tree.dot(grad, u))
+        ref = float(tree.dot(grad, u)) / (norms[i] if norms is not None else 1.0)
         if not abs(ref - g_corrs[i]) <= tol:
             return (
                 f"the Taylor sweep's gradient projection ({g_corrs[i]!r}) disagrees with autograd's ({ref!r}): the "

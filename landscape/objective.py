@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["DeterminismError", "MicroBatches", "NonFiniteError", "Objective", "math_attention"]
+__all__ = ["DeterminismError", "DirectionalDerivatives", "MicroBatches", "NonFiniteError", "Objective", "math_attention"]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 Include = Iterable[str] | Callable[[str, Tensor], bool] | None
@@ -421,53 +421,31 @@ class Objective:
         Returns:
             ``(loss, first, second, method_used)``.
         """
-        if method not in ("auto", "taylor", "hvp"):
-            raise ValueError(f"method must be 'auto', 'taylor' or 'hvp', got {method!r}")
-        point = self._point(at)
-        vs_ = []
-        for i, v in enumerate(vs):
-            self._check_direction(v, f"vector {i}")
-            vs_.append({n: v[n].to(dtype=point[n].dtype, device=point[n].device) for n in self.names})
-        if method != "hvp":
-            swept, reason, stale = self._try_taylor(point, vs_)
-            if swept is not None:
-                return (*swept, "taylor")
-            if method == "taylor":
-                from landscape.taylor import UnsupportedGraph
-
-                raise UnsupportedGraph(f"the Taylor sweep does not support this loss: {reason}; use method='hvp'")
-            if stale:
-                self._fallback_told = True
-                warnings.warn(
-                    f"landscape: {reason}; using Hessian-vector products from now on", RuntimeWarning, stacklevel=2
-                )
-            else:
-                self._tell_fallback(reason, stacklevel=3)
-        from landscape.linops.hessian import HessianOperator
-
-        single = len(self.batches) == 1
-        with HessianOperator(self, point, graph="keep" if single else "rebuild") as engine:
-            loss, firsts, seconds = engine.directional_derivatives(vs_)
-        return loss, firsts, seconds, "hvp"
+        with DirectionalDerivatives(self, at, method) as session:
+            return session(vs, stacklevel=3)
 
     def _try_taylor(
-        self, point: Mapping[str, Tensor], vs: Sequence[Mapping[str, Tensor]]
+        self, point: Mapping[str, Tensor], vs: Sequence[Mapping[str, Tensor]], keep: dict | None = None
     ) -> tuple[tuple[float, list[float], list[float]] | None, str | None, bool]:
         """``(result, None, False)``, or ``(None, reason, stale)``: ``stale`` when the loss was supported
-        when recorded but the sweep failed here (worth a warning: the user's model changed under it)."""
+        when recorded but the sweep failed here (worth a warning: the user's model changed under it).
+        ``keep``: a dict in which the primal values of a single micro-batch are kept between calls at
+        the same point (:class:`DirectionalDerivatives`)."""
         graphs = self._taylor_graphs(point)
         if isinstance(graphs, str):
             return None, graphs, False
         try:
-            swept = self._taylor_sweep(graphs, point, vs)
+            swept = self._taylor_sweep(graphs, point, vs, keep)
             if swept is None:
                 # The recording went stale (a plain tensor attribute of the model changed, say): record
                 # again here once.
                 self.__dict__.get("_taylor_cache", {}).clear()
+                if keep is not None:
+                    keep.clear()
                 graphs = self._taylor_graphs(point)
                 if isinstance(graphs, str):
                     return None, graphs, True
-                swept = self._taylor_sweep(graphs, point, vs)
+                swept = self._taylor_sweep(graphs, point, vs, keep)
                 if swept is None:
                     reason = (
                         "the traced loss no longer reproduces the loss at this point (control flow that depends "
@@ -574,24 +552,33 @@ class Objective:
         return result
 
     def _taylor_sweep(
-        self, graphs: list[Any], point: Mapping[str, Tensor], vs: Sequence[Mapping[str, Tensor]]
+        self, graphs: list[Any], point: Mapping[str, Tensor], vs: Sequence[Mapping[str, Tensor]],
+        keep: dict | None = None,
     ) -> tuple[float, list[float], list[float]] | None:
-        """The sweep, or ``None`` when a recorded graph no longer reproduces the loss at ``point``."""
+        """The sweep, or ``None`` when a recorded graph no longer reproduces the loss at ``point``.
+        With ``keep`` and a single micro-batch, the primal (and its check) is computed once and kept
+        there for the next call at the same point."""
         total = 0.0
         firsts = [0.0] * len(vs)
         seconds = [0.0] * len(vs)
         dirs = [[v[n] for n in self.names] for v in vs]
+        reuse = keep is not None and len(graphs) == 1
         with self._context(second_order=True):
             for i, (w, graph) in enumerate(zip(self.batches.weights, graphs)):
-                _, measured, rest = self._taylor_inputs(point)
-                primal = graph.primal(measured, rest)
-                # Guard against a trace that froze control flow depending on parameter values: the
-                # recorded graph must give the loss the model gives here (one extra forward pass).
-                with torch.no_grad():
-                    direct = float(self._call(point, self.batches[i]))
+                if reuse and keep.get("graph") is graph:
+                    primal = keep["primal"]
+                else:
+                    _, measured, rest = self._taylor_inputs(point)
+                    primal = graph.primal(measured, rest)
+                    # Guard against a trace that froze control flow depending on parameter values: the
+                    # recorded graph must give the loss the model gives here (one extra forward pass).
+                    with torch.no_grad():
+                        direct = float(self._call(point, self.batches[i]))
+                    if not _agree(float(primal.loss), direct):
+                        return None
+                    if reuse:
+                        keep.update(graph=graph, primal=primal)
                 traced = float(primal.loss)
-                if not _agree(traced, direct):
-                    return None
                 total += w * traced
                 for j, d in enumerate(dirs):
                     d1, d2 = primal.along(d)
@@ -613,10 +600,22 @@ class Objective:
         return self.second_order(vs, at)[2]
 
     def losses_along(
-        self, direction: Mapping[str, Tensor], steps: Sequence[float] | np.ndarray, at: Mapping[str, Tensor] | None = None
+        self, direction: Mapping[str, Tensor], steps: Sequence[float] | np.ndarray, at: Mapping[str, Tensor] | None = None,
+        *, batch: int = 1,
     ) -> np.ndarray:
         """``f(at − s·direction)`` for each ``s`` in ``steps`` (forward passes only; the direction is
-        used as given, not normalised)."""
+        used as given, not normalised).
+
+        Args:
+            direction: the direction.
+            steps: the steps ``s``.
+            at: the point (default: current parameters).
+            batch: evaluate up to this many steps in one batched forward (``torch.func.vmap`` over
+                the parameters stacked along a new leading dimension: ``batch`` copies of the
+                measured parameters and ``batch`` forwards' activations at once). A model that
+                cannot be vmapped (in-place updates of buffers, data-dependent Python control
+                flow...) is evaluated one step at a time, from then on for this objective.
+        """
         self._check_direction(direction)
         point = self._point(at)
         names = self.names
@@ -626,14 +625,50 @@ class Objective:
         # Everything but the measured entries is the same at every point (in eval mode: train mode
         # copies the buffers afresh for each call, as BatchNorm updates them in place).
         fixed = self._swap(point) if self.mode == "eval" else None
+        steps = [float(s) for s in steps]
         out = np.empty(len(steps), dtype=np.float64)
         with self._context(), torch.no_grad():
-            for j, s in enumerate(steps):
-                moved = torch._foreach_add(base, d, alpha=-float(s)) if s else base
-                swap = dict(fixed) if fixed is not None else self._swap(point)
-                swap.update(zip(names, moved))
-                out[j] = sum(w * float(self._call_swapped(swap, b)) for w, b in zip(self.batches.weights, batches))
+            j = 0
+            while j < len(steps):
+                group = steps[j:j + max(1, int(batch))]
+                vals = None
+                if len(group) > 1 and fixed is not None and self.__dict__.get("_vmap_lines") is not False:
+                    vals = self._losses_vmapped(base, d, group, fixed, batches)
+                if vals is None:
+                    vals = []
+                    for s in group:
+                        moved = torch._foreach_add(base, d, alpha=-s) if s else base
+                        swap = dict(fixed) if fixed is not None else self._swap(point)
+                        swap.update(zip(names, moved))
+                        vals.append(sum(w * float(self._call_swapped(swap, b)) for w, b in zip(self.batches.weights, batches)))
+                out[j:j + len(group)] = vals
+                j += len(group)
         return out
+
+    def _losses_vmapped(self, base: list[Tensor], d: list[Tensor], steps: list[float], fixed: Mapping[str, Tensor],
+                        batches: list[Any]) -> list[float] | None:
+        """The losses at ``base − s·d`` for every ``s`` of ``steps`` in one vmapped forward per micro-batch,
+        or ``None`` when the model cannot be vmapped (then never tried again for this objective)."""
+        names = self.names
+        ss = torch.tensor(steps, dtype=base[0].dtype, device=base[0].device)
+        try:
+            stacked = [b.unsqueeze(0) - ss.view(-1, *([1] * b.dim())).to(b.dtype) * v.unsqueeze(0) for b, v in zip(base, d)]
+            total = torch.zeros(len(steps), dtype=torch.float64)
+            for w, b in zip(self.batches.weights, batches):
+                def one(*moved: Tensor, b: Any = b) -> Tensor:
+                    swap = dict(fixed)
+                    swap.update(zip(names, moved))
+                    return self._call_swapped(swap, b)
+
+                # the fused attention kernels have no batching rule (vmap would loop over them)
+                with sdpa_kernel(SDPBackend.MATH):
+                    total += w * torch.func.vmap(one)(*stacked).double().cpu()
+            del stacked
+        except Exception:  # noqa: BLE001 - anything vmap cannot do: one forward per step instead
+            self._vmap_lines = False
+            return None
+        self._vmap_lines = True
+        return total.tolist()
 
     def check_deterministic(self, rtol: float = 1e-6) -> float:
         """Evaluate ``f`` twice at the current parameters under different RNG seeds.
@@ -674,3 +709,84 @@ class Objective:
             f"Objective({type(self.model).__name__}, {len(self.names)} tensors / {n:,} parameters measured, "
             f"mode={self.mode!r}, {len(self.batches)} micro-batch(es), dtype={self.dtype})"
         )
+
+
+class DirectionalDerivatives:
+    """``∇f·vᵢ`` and ``vᵢᵀ∇²f·vᵢ`` at one point for directions given a few at a time.
+
+    What a call of :meth:`Objective.directional_derivatives` does, split so that a measurement can
+    hold only a few directions at once while sharing the work that does not depend on them: with
+    the Taylor sweep and a single micro-batch the primal values (and the check that the recording
+    reproduces the loss) are computed once; with Hessian-vector products the ``create_graph``
+    gradient is built once. Use as a context manager (what it keeps is released on exit).
+
+    Args:
+        objective: the function.
+        at: the point (default: current parameters).
+        method: ``"auto"``, ``"taylor"`` or ``"hvp"`` (see :meth:`Objective.directional_derivatives`).
+    """
+
+    def __init__(self, objective: Objective, at: Mapping[str, Tensor] | None = None, method: str = "auto") -> None:
+        if method not in ("auto", "taylor", "hvp"):
+            raise ValueError(f"method must be 'auto', 'taylor' or 'hvp', got {method!r}")
+        self.objective = objective
+        self.point = objective._point(at)
+        self.method = method
+        self.used: str | None = None
+        self._keep: dict[str, Any] = {}
+        self._engine: Any = None
+
+    def __call__(
+        self, vs: Sequence[Mapping[str, Tensor]], stacklevel: int = 2
+    ) -> tuple[float, list[float], list[float], str]:
+        """``(loss, firsts, seconds, method_used)`` for the directions ``vs`` (used as given)."""
+        obj = self.objective
+        point = self.point
+        vs_ = []
+        for i, v in enumerate(vs):
+            obj._check_direction(v, f"vector {i}")
+            vs_.append({n: v[n].to(dtype=point[n].dtype, device=point[n].device) for n in obj.names})
+        if self.method != "hvp" and self.used != "hvp":
+            swept, reason, stale = obj._try_taylor(point, vs_, self._keep)
+            if swept is not None:
+                self.used = "taylor"
+                return (*swept, "taylor")
+            self._keep.clear()
+            if self.method == "taylor":
+                from landscape.taylor import UnsupportedGraph
+
+                raise UnsupportedGraph(f"the Taylor sweep does not support this loss: {reason}; use method='hvp'")
+            if stale:
+                obj._fallback_told = True
+                warnings.warn(
+                    f"landscape: {reason}; using Hessian-vector products from now on", RuntimeWarning,
+                    stacklevel=stacklevel,
+                )
+            else:
+                obj._tell_fallback(reason, stacklevel=stacklevel + 1)
+        if self._engine is None:
+            from landscape.linops.hessian import HessianOperator
+
+            single = len(obj.batches) == 1
+            self._engine = HessianOperator(obj, point, graph="keep" if single else "rebuild")
+        self.used = "hvp"
+        loss, firsts, seconds = self._engine.directional_derivatives(vs_)
+        return loss, firsts, seconds, "hvp"
+
+    def use_hvp(self) -> None:
+        """Hessian-vector products from now on (the Taylor sweep disagreed with autograd)."""
+        self.method = "hvp"
+        self.used = "hvp"
+        self._keep.clear()
+
+    def close(self) -> None:
+        self._keep.clear()
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+    def __enter__(self) -> DirectionalDerivatives:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -373,9 +373,17 @@ def landscape_lines(
     entries = _entries(run, names, [step], merge)
     ax = _axes(ax, "double", 0.45)
     drawn = 0
+    missing = 0
     for e in entries:
         r = rows[e.name]
         s, loss = np.asarray(r["s"], float), np.asarray(r["loss"], float)
+        if r.get("undefined") or not s.size:
+            # Not measured at this step (a direction with norm 0, say): named in the legend, with why.
+            why = r.get("undefined") or "no points"
+            ax.plot([], [], linestyle="none", marker="x", color=_line_kw(_style(run, e.name))["color"],
+                    label=f"{e.label}: undefined ({why})")
+            missing += 1
+            continue
         at0 = np.flatnonzero(s == 0)
         l0 = loss[at0[0]] if at0.size else loss[np.argmin(s)] if s.size else np.nan
         offset = l0 if relative else 0.0
@@ -395,7 +403,7 @@ def landscape_lines(
                 alpha=style.get("alpha", 1.0), markersize=4.5, markeredgecolor="black", markeredgewidth=0.6,
                 zorder=style["zorder"] + 2, label=f"_best {e.label}")
         drawn += 1
-    if not drawn:
+    if not drawn and not missing:
         raise NoDataError(f"no direction of run {run.path} has a positive best step at step {step} (x='best')")
     if clip_y:
         _clip_lines(ax)
@@ -408,7 +416,7 @@ def landscape_lines(
         if points:
             ax.plot([], [], marker="o", markersize=1.3, linestyle="none", color="0.35", label=_POINTS_LABEL)
     if legend:
-        _legend(ax, drawn + explain * (1 + points))
+        _legend(ax, drawn + missing + explain * (1 + points))
     return ax
 
 

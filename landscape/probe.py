@@ -923,14 +923,19 @@ class Probe:
 
     def _measure(self, step: int, x_t: dict[str, Tensor]) -> dict[str, list[dict[str, Any]]]:
         assert self._pseudo is not None and self._store is not None
+        from landscape.measure import pseudo_source
+
         x_next = self._snapshot()
-        dirs = self._pseudo.directions()
         real = tree.sub(x_t, x_next)
         names = self.objective.names
+        extra = {}
         if float(tree.norm({n: real[n] for n in names})) > 0:
-            dirs[self.trained_name] = real
+            extra[self.trained_name] = real
         else:
             self._store.log_event(step, "warning", "the optimizer did not move the measured parameters this step")
+        # The recipes' directions are computed from their states a chunk at a time while measuring
+        # (MeasureSettings.chunk), never all at once.
+        dirs = pseudo_source(self._pseudo, extra)
         at = {n: x_t[n] for n in names}
         progress = self._progress
         if progress is not None:
@@ -1208,10 +1213,13 @@ class Probe:
         assert self._pseudo is not None and self._store is not None
         dirs: dict[str, dict[str, Tensor]] = {}
         if self._keep_directions is not False:
-            dirs = self._pseudo.directions()
-            real = tree.sub(x_t, self._snapshot())
-            if float(tree.norm(real)) > 0:
-                dirs[self.trained_name] = real
+            # Only the recipes kept are computed (the file holds them all at once).
+            wanted = list(self._pseudo.names) if self._keep_directions is True else list(self._keep_directions)
+            dirs = self._pseudo.directions([n for n in wanted if n in self._pseudo.names])
+            if self._keep_directions is True or self.trained_name in wanted:
+                real = tree.sub(x_t, self._snapshot())
+                if float(tree.norm(real)) > 0:
+                    dirs[self.trained_name] = real
             if self._keep_directions is not True:
                 dirs = {n: dirs[n] for n in self._keep_directions if n in dirs}
         try:

@@ -337,6 +337,10 @@ _STEP = _c("step", "INTEGER", "training step (the probe's step counter)")
 _DIRECTION = _c("direction", "TEXT", "recipe name (`sgd`, `adam_clip`...) or the trained optimizer's "
                                      "own step (`adam (trained)`)")
 
+_UNDEFINED = _c("undefined", "TEXT", "why the direction was not measured at this step (e.g. `direction has norm 0 "
+                                     "(all coordinates zero)`), when it was not: the values are then missing",
+                nullable=True)
+
 _TABLE_LIST: tuple[Table, ...] = (
     Table(
         "meta",
@@ -387,6 +391,7 @@ _TABLE_LIST: tuple[Table, ...] = (
             _c("predicted_reduction", "REAL", "quadratic-model loss reduction G²/(2S) (when S > 0)",
                nullable=True),
             _c("loss", "REAL", "probe-batch loss f(x) at the measured point"),
+            _UNDEFINED,
         ),
         ("step", "direction"),
         "Directional sharpness of every direction at every measured step (Pan & Li 2023, Tables 1, 4-7).",
@@ -401,6 +406,7 @@ _TABLE_LIST: tuple[Table, ...] = (
             _c("best_step", "REAL", "s with the lowest loss"),
             _c("best_loss", "REAL", "the lowest loss on the grid"),
             _c("reduction", "REAL", "loss(0) − best_loss"),
+            _UNDEFINED,
         ),
         ("step", "direction"),
         "Loss along each update direction (Pan & Li 2023, Figs. 2-4).",
