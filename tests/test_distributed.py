@@ -112,6 +112,12 @@ FIRST_STEP_RTOL = 5e-6
 # for adafactor_clip after 6 steps on a GPT-2; 2e-6 on this model).
 LATER_RTOL_UNCLIPPED = 2e-5
 LATER_RTOL_CLIPPED = 5e-3
+# The lines' points after the first two (s* and 2.5·s*) are placed by the bracketing search: a parabola's
+# vertex through three losses that differ by ~1e-4 near a flat minimum moves by (loss rounding)/(their
+# spread), so a 1e-7 difference in the losses moves a refined point by up to ~1e-4 relative (measured: 1e-4
+# for the trained step, whose direction is a difference of two float32 points, 2e-5 for adam); the losses
+# themselves are held to LATER_RTOL_*.
+LINE_POINTS_RTOL = 1e-3
 
 
 def _clipped(direction: str) -> bool:
@@ -136,7 +142,11 @@ def _assert_same_store(folder: Path, name: str) -> None:
                                         _rel(a["update_norm"], b["update_norm"]))
         for a, b in zip(two.rows("lines", step=step), one.rows("lines", step=step), strict=True):
             assert a["direction"] == b["direction"] and len(a["s"]) == len(b["s"])
-            worst[a["direction"]] = max(worst[a["direction"]], _rel(a["s"], b["s"]), _rel(a["loss"], b["loss"]))
+            worst[a["direction"]] = max(worst[a["direction"]], _rel(a["loss"], b["loss"]))
+            if step == 1:
+                worst[a["direction"]] = max(worst[a["direction"]], _rel(a["s"], b["s"]))
+            else:  # the refined points are vertices of parabolas through nearly equal losses near the minimum
+                assert _rel(a["s"], b["s"]) < LINE_POINTS_RTOL, (step, a["direction"], _rel(a["s"], b["s"]))
         (sa,), (sb,) = two.rows("smoothness", step=step), one.rows("smoothness", step=step)
         smooth = max(_rel(sa["l_hat"], sb["l_hat"]), _rel(list(sa["per_gamma"].values()), list(sb["per_gamma"].values())))
         cos_a, cos_b = two.rows("cosine", step=step), one.rows("cosine", step=step)
