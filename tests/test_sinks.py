@@ -309,8 +309,20 @@ def test_probe_to_wandb_offline_reads_back_equal_to_the_store(tmp_path, monkeypa
     run_dir = Path(wb.dir).parent
     wb.finish()
     run = load_run(tmp_path / "run")
+    # wandb's service process may still be writing the file after finish() returns (seen under load:
+    # no history record yet): wait until the records stop changing, for at most 60 s
+    import time
+
+    records, deadline = _wandb_records(run_dir), time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        again = _wandb_records(run_dir)
+        done = any(r.WhichOneof("record_type") == "exit" for r in again)
+        if len(again) == len(records) and done:
+            break
+        records = again
     history = []
-    for r in _wandb_records(run_dir):
+    for r in records:
         if r.WhichOneof("record_type") == "history":
             row: dict = {}
             for item in r.history.item:  # a histogram's fields come as nested keys (tag, "bins"), (tag, "values")
