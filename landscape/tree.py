@@ -162,6 +162,6 @@ def randn_like(a: Mapping[str, Tensor], generator: torch.Generator | None = None
 def rademacher_like(a: Mapping[str, Tensor], generator: torch.Generator | None = None) -> Tree:
     """Random ±1 leaves shaped like ``a`` (drawn on CPU from ``generator``, then moved)."""
     return {
-        k: (torch.randint(0, 2, v.shape, generator=generator).to(v.dtype) * 2 - 1).to(v.device)
+        k: torch.randint(0, 2, v.shape, generator=generator, dtype=v.dtype).mul_(2).sub_(1).to(v.device)
         for k, v in a.items()
     }
