@@ -102,21 +102,14 @@ def hvp(objective: Objective, v: Mapping[str, Tensor], at: Point = None) -> dict
 
 
 def _unit(objective: Objective, name: str, u: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], float]:
-    missing = [n for n in objective.names if n not in u]
-    if missing:
-        raise KeyError(f"direction {name!r} lacks measured parameters {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    sub = {n: u[n] for n in objective.names}
-    bad = tree.nonfinite_names(sub)
-    if bad:
-        raise ValueError(f"direction {name!r} has non-finite entries in {bad[:5]}")
-    try:
-        return tree.normalize(sub)
-    except ValueError as e:
-        raise ValueError(f"direction {name!r}: {e}") from None
+    """``(û, ‖u‖₂)`` for the measured parameters; raises as :func:`_checked` does."""
+    sub, n = _checked(objective, name, u)
+    return tree.scale(sub, 1.0 / n), n
 
 
 def _checked(objective: Objective, name: str, u: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], float]:
-    """``(u restricted to the measured parameters, ‖u‖₂)``; raises as :func:`_unit` does."""
+    """``(u restricted to the measured parameters, ‖u‖₂)``. Raises KeyError for a missing parameter,
+    ValueError for non-finite entries or a norm of 0."""
     missing = [n for n in objective.names if n not in u]
     if missing:
         raise KeyError(f"direction {name!r} lacks measured parameters {missing[:5]}{' ...' if len(missing) > 5 else ''}")
