@@ -9,6 +9,7 @@ histograms (Fig. 1), cosine similarities, and local / coordinate-wise / robust s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -63,6 +64,15 @@ class MeasureSettings:
         method: the sharpness engine: ``"auto"`` (the Taylor sweep where the loss supports it, else
             Hessian-vector products), ``"taylor"`` or ``"hvp"`` (see :func:`~landscape.directional_sharpness`).
             Not part of a run's settings: both engines measure the same numbers (up to rounding).
+        merge_tol: directions whose cosine with an earlier direction is at least ``1 − merge_tol`` are
+            the same direction to float rounding (at the first step Lion, signSGD and the smoothed
+            signSGD all move along sign(g), SGD and normalised SGD along g; a clipping threshold that
+            clips nothing leaves a recipe equal to its unclipped one): they are measured once and
+            their rows say so (``measured_as``), with their own ``update_norm`` and histogram. The
+            default 1e-10 is an angle of 1.4e-5 rad, where float32 directions that differ only by
+            rounding sit (measured: 1 − cos ≤ 3e-12), while the nearest distinct pair seen was
+            4e-7 (Adam and its value-clipped variant). 0: measure every direction. Needs the cosine
+            matrix (``cosine=True``).
         chunk: directions measured at a time (sharpness, lines, histograms, cosine pairs): peak memory
             is about two chunks of directions. Not part of a run's settings (the numbers do not depend
             on it).
@@ -92,6 +102,7 @@ class MeasureSettings:
     curvature: CurvatureSettings | None = None
     robust_curvature: str = "hessian"
     chunk: int = 4
+    merge_tol: float = 1e-10
 
     def __post_init__(self) -> None:
         from landscape.curvature import SHIFT_POLICIES, _check_delta
@@ -109,6 +120,9 @@ class MeasureSettings:
             raise ValueError(f"line_tol must be a fraction in (0, 1), got {self.line_tol!r}")
         if self.line_points < 2:
             raise ValueError(f"line_points must be at least 2, got {self.line_points!r}")
+        if isinstance(self.merge_tol, bool) or not isinstance(self.merge_tol, (int, float)) or not (
+                0 <= self.merge_tol < 1):
+            raise ValueError(f"merge_tol must be a number in [0, 1), got {self.merge_tol!r}")
         if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 1:
             raise ValueError(f"chunk must be a positive number of directions, got {self.chunk!r}")
         if self.curvature is not None and not isinstance(self.curvature, CurvatureSettings):
@@ -122,6 +136,8 @@ class MeasureSettings:
         d.pop("line_batch")
         if d.get("curvature") is None:
             d.pop("curvature")  # absent, so that runs recorded before it existed still resume
+        if d.get("merge_tol") == 1e-10:
+            d.pop("merge_tol")  # the default, absent so that runs recorded before it existed still resume
         if d.get("robust_curvature") == "hessian":
             d.pop("robust_curvature")  # likewise
         return d
@@ -499,6 +515,26 @@ def direction_problem(u: Mapping[str, Tensor]) -> str | None:
     return None
 
 
+def _same_directions(names: Sequence[str], index: Mapping[str, int], cos: Tensor | None,
+                     tol: float) -> dict[str, str]:
+    """``{name: earlier name}`` for each direction whose cosine with an earlier one (in ``names``'
+    order, so the reference SGD, first, is always measured) is at least ``1 − tol``: the same
+    direction to float rounding, measured once. Empty without a cosine matrix or with ``tol = 0``."""
+    if cos is None or tol <= 0:
+        return {}
+    same: dict[str, str] = {}
+    reps: list[str] = []
+    for n in names:
+        for r in reps:
+            c = float(cos[index[r], index[n]])
+            if math.isfinite(c) and c >= 1.0 - tol:
+                same[n] = r
+                break
+        else:
+            reps.append(n)
+    return same
+
+
 def _chunks(names: list[str], size: int) -> list[list[str]]:
     size = max(1, int(size))
     return [names[i:i + size] for i in range(0, len(names), size)]
@@ -590,54 +626,75 @@ def measure_step(
     gram = torch.full((len(all_names), len(all_names)), math.nan, dtype=torch.float64)
     index = {n: i for i, n in enumerate(all_names)}
     want_cos = st.cosine and len(all_names) > 1
-    done_lines = 0
     t_start = time.perf_counter()
+    # 1. Geometry first (no forward pass): which directions are defined, their histograms and the
+    # cosine matrix, one chunk (and one pair of chunks) at a time.
+    t0 = time.perf_counter()
+    tell("histograms and cosines")
+    for ci, chunk in enumerate(chunks):
+        if len(chunks) > 1:
+            tell("histograms and cosines", ci + 1, len(chunks))
+        dirs = fetch(chunk)
+        for k, u in dirs.items():
+            why = direction_problem(u)
+            if why is not None:
+                undefined[k] = why
+            norms[k] = float(tree.norm(u)) if why is None or "non-finite" not in why else math.nan
+        for name, u in dirs.items():
+            if name in undefined and "non-finite" in undefined[name]:
+                continue
+            hist_rows[name] = {"step": step, "direction": name, **log_histogram(u, st.hist_bins)}
+        defined = {k: u for k, u in dirs.items() if k not in undefined}
+        if want_cos and defined:
+            keys = list(names)
+            ids = [index[k] for k in defined]
+            block = _gram_block(defined, defined, keys)
+            gram[np.ix_(ids, ids)] = block
+            for later in chunks[ci + 1:]:
+                other = {k: u for k, u in fetch(later).items() if direction_problem(u) is None}
+                if other:
+                    jds = [index[k] for k in other]
+                    cross = _gram_block(defined, other, keys)
+                    gram[np.ix_(ids, jds)] = cross
+                    gram[np.ix_(jds, ids)] = cross.T
+                del other
+        del dirs, defined
+    cos = None
+    if want_cos:
+        norms_g = gram.diag().sqrt()
+        cos = gram / (norms_g[:, None] * norms_g[None, :]).clamp_min(1e-300)
+    # Directions that are the same direction to float rounding (at the first step Lion, signSGD and
+    # the smoothed signSGD all move along sign(g); SGD and normalised SGD along g) are measured once:
+    # every measured number but ‖u‖ is a function of û alone.
+    same_as = _same_directions([n for n in all_names if n not in undefined], index, cos, st.merge_tol)
+    measured = [n for n in all_names if n not in undefined and n not in same_as]
+    timings["geometry"] += time.perf_counter() - t0
+    # 2. Sharpness and lines of each distinct direction.
+    done_lines = 0
     with SharpnessMeter(objective, at=x_t, shift=st.shift, delta=st.delta, method=st.method) as meter:
         tell("sharpness")
         loss, grad = meter.ensure_grad()
-        for ci, chunk in enumerate(chunks):
+        m_chunks = _chunks(measured, st.chunk)
+        for ci, chunk in enumerate(m_chunks):
             dirs = fetch(chunk)
-            for k, u in dirs.items():
-                why = direction_problem(u)
-                if why is not None:
-                    undefined[k] = why
-                    norms[k] = float(tree.norm(u)) if "non-finite" not in why else math.nan
-            defined = {k: u for k, u in dirs.items() if k not in undefined}
             t0 = time.perf_counter()
             if ci:
-                tell("sharpness", sum(len(c) for c in chunks[:ci]), len(all_names))
-            sharp.update(meter.measure(defined))
+                tell("sharpness", sum(len(c) for c in m_chunks[:ci]), len(measured))
+            sharp.update(meter.measure(dirs))
             timings["sharpness"] += time.perf_counter() - t0
             if st.lines:
                 t0 = time.perf_counter()
                 for name, u in dirs.items():
                     done_lines += 1
-                    tell("lines", done_lines, len(all_names))
-                    if name in undefined:
-                        continue
+                    tell("lines", done_lines, len(measured))
                     line_rows[name] = _line_row(objective, step, name, u, sharp[name], loss, x_t, st)
                 timings["lines"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            tell("histograms and cosines", *((ci + 1, len(chunks)) if len(chunks) > 1 else (0, 0)))
-            for name, u in dirs.items():
-                if name in undefined and "non-finite" in undefined[name]:
-                    continue
-                hist_rows[name] = {"step": step, "direction": name, **log_histogram(u, st.hist_bins)}
-            if want_cos and defined:
-                keys = list(names)
-                ids = [index[k] for k in defined]
-                block = _gram_block(defined, defined, keys)
-                gram[np.ix_(ids, ids)] = block
-                for later in chunks[ci + 1:]:
-                    other = {k: u for k, u in fetch(later).items() if direction_problem(u) is None}
-                    if other:
-                        jds = [index[k] for k in other]
-                        cross = _gram_block(defined, other, keys)
-                        gram[np.ix_(ids, jds)] = cross
-                        gram[np.ix_(jds, ids)] = cross.T
-                    del other
-            timings["geometry"] += time.perf_counter() - t0
-            del dirs, defined
+            del dirs
+    for name, rep in same_as.items():
+        # the representative's numbers; ‖u‖ is this direction's own (from the Gram matrix)
+        sharp[name] = dataclasses.replace(sharp[rep], update_norm=norms[name])
+        if st.lines:
+            line_rows[name] = {**line_rows[rep], "direction": name}
     assert loss is not None and grad is not None
     ref = sharp.get(reference)
     rows["sharpness"] = []
@@ -671,6 +728,7 @@ def measure_step(
                 "best_step": s.best_step,
                 "predicted_reduction": s.predicted_reduction,
                 "loss": s.loss,
+                **({"measured_as": same_as[name]} if name in same_as else {}),
             }
         )
     if st.lines:
@@ -681,11 +739,9 @@ def measure_step(
                                       "best_step": math.nan, "best_loss": math.nan, "reduction": math.nan,
                                       "undefined": undefined[name]})
             else:
-                rows["lines"].append(line_rows[name])
+                rows["lines"].append({**line_rows[name], **({"measured_as": same_as[name]} if name in same_as else {})})
     rows["histograms"] = [hist_rows[n] for n in all_names if n in hist_rows]
-    if want_cos:
-        norms_g = gram.diag().sqrt()
-        cos = gram / (norms_g[:, None] * norms_g[None, :]).clamp_min(1e-300)
+    if cos is not None:
         rows["cosine"] = [
             {"step": step, "a": a, "b": b, "cosine": float(cos[i, j])}
             for i, a in enumerate(all_names)

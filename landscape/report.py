@@ -460,6 +460,13 @@ def _step_notes(rows: list[dict[str, Any]], delta: Any, num: Callable[[Any], str
             for why, ds in undefined.items()
         )
         notes.append(f"{text('Ratio to SGD undefined')} ({reasons}).")
+    repeats: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("measured_as"):
+            repeats.setdefault(r["measured_as"], []).append(r["direction"])
+    if repeats:
+        same = "; ".join(f"{', '.join(map(name, ds))} as {name(rep)}" for rep, ds in repeats.items())
+        notes.append(f"{text('Measured once (the same direction to float rounding, own norm)')}: {same}.")
     return notes
 
 

@@ -341,6 +341,10 @@ _UNDEFINED = _c("undefined", "TEXT", "why the direction was not measured at this
                                      "(all coordinates zero)`), when it was not: the values are then missing",
                 nullable=True)
 
+_MEASURED_AS = _c("measured_as", "TEXT", "the direction whose measurement this row repeats, when this one is the same "
+                                         "direction to float rounding (cosine ≥ 1 − `merge_tol`): its values are "
+                                         "that direction's (`update_norm` its own)", nullable=True)
+
 _TABLE_LIST: tuple[Table, ...] = (
     Table(
         "meta",
@@ -392,6 +396,7 @@ _TABLE_LIST: tuple[Table, ...] = (
                nullable=True),
             _c("loss", "REAL", "probe-batch loss f(x) at the measured point"),
             _UNDEFINED,
+            _MEASURED_AS,
         ),
         ("step", "direction"),
         "Directional sharpness of every direction at every measured step (Pan & Li 2023, Tables 1, 4-7).",
@@ -407,6 +412,7 @@ _TABLE_LIST: tuple[Table, ...] = (
             _c("best_loss", "REAL", "the lowest loss on the grid"),
             _c("reduction", "REAL", "loss(0) − best_loss"),
             _UNDEFINED,
+            _MEASURED_AS,
         ),
         ("step", "direction"),
         "Loss along each update direction (Pan & Li 2023, Figs. 2-4).",
