@@ -11,8 +11,12 @@ What is divided (:class:`~landscape.Probe` does it when a process group is initi
   rank observes the same gradients and its own recipes evolve exactly as in one process.
 - **The measurement**: each rank measures its own recipes' directions (sharpness, lines, histograms,
   per-layer decompositions); the trained step ``x_t − x_{t+1}`` is measured on the least loaded rank;
-  the cosines between directions on different ranks come from one ``all_gather`` per parameter tensor
-  (:meth:`Group.gram`); smoothness, robust smoothness, eigenvalues, traces and densities on rank 0.
+  smoothness, robust smoothness, eigenvalues, traces and densities on rank 0. A rank never holds all
+  its directions: they are computed from the recipe states ``MeasureSettings.chunk`` at a time, as in
+  one process. The cosines between directions on different ranks come from :meth:`Group.gram`, in
+  lockstep rounds over pairs of chunks: each round gathers one chunk of every rank, one piece of at
+  most 2²² coordinates per ``all_gather``, so a rank holds about two chunks of its own directions and
+  ``world × chunk`` copies of one piece (plus the trained step, already materialised, on its rank).
   The rows are gathered on rank 0, where the ratios to SGD are computed.
 - **The run store** is opened and written by rank 0 alone; each rank saves its recipe states in its
   own file (``probe_state-<step>.rank<r>of<world>.pt``), and rank 0's commit names them all.
