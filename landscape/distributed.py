@@ -345,7 +345,8 @@ class Group:
 
         Lockstep rounds over pairs of chunk indices ``a ≤ b`` (every rank issues the same collectives in
         the same order; a rank with fewer chunks sends zeros): in round ``(a, b)`` each rank holds its
-        chunk ``a`` and its chunk ``b``, gathers chunk ``b`` of every rank (``all_gather``) one packed piece of at
+        chunk ``a`` and its chunk ``b`` (``b`` from the last down to ``a + 1``, which is then kept as the
+        next held chunk), gathers chunk ``b`` of every rank (``all_gather``) one packed piece of at
         most 2²² coordinates at a time (whole tensors packed together, a larger one in slices), and
         accumulates the float64 dot products of its chunk ``a`` against them. Each pair is computed on
         exactly one rank (within ``a = b``, by the lower of the two ranks), so the sum of the ranks'
@@ -395,13 +396,17 @@ class Group:
                     at += hi - lo
             return out
 
+        # Round order: (a, a), then (a, b) for b from the last chunk down to a + 1, whose chunk is kept as
+        # the next rounds' held chunk (so each outer step fetches one chunk fewer, still two alive at once).
+        carried: dict[str, dict[str, Tensor]] | None = None
         for a in range(rounds):
-            held = fetch(a)
+            held = fetch(a) if carried is None else carried
+            carried = None
             for n, u in held.items():
                 if direction_problem(u) is not None:
                     undefined.append(n)
             ids = torch.tensor([index[n] for n in held], dtype=torch.long)
-            for b in range(a, rounds):
+            for b in [a, *range(rounds - 1, a, -1)]:
                 other = held if b == a else fetch(b)
                 theirs = [c[b] if b < len(c) else [] for c in chunks_of]
                 width = max(len(t) for t in theirs)
@@ -432,6 +437,8 @@ class Group:
                     else:
                         part[ids[:, None], jds[None, :]] += blocks[s]
                         part[jds[:, None], ids[None, :]] += blocks[s].T
+                if b == a + 1:
+                    carried = other
                 del other
             del held
         outcomes = self.all_gather_object({"error": failure, "undefined": undefined, "part": part.numpy()})
