@@ -11,8 +11,12 @@ What is divided (:class:`~landscape.Probe` does it when a process group is initi
   rank observes the same gradients and its own recipes evolve exactly as in one process.
 - **The measurement**: each rank measures its own recipes' directions (sharpness, lines, histograms,
   per-layer decompositions); the trained step ``x_t − x_{t+1}`` is measured on the least loaded rank;
-  the cosines between directions on different ranks come from one ``all_gather`` per parameter tensor
-  (:meth:`Group.gram`); smoothness, robust smoothness, eigenvalues, traces and densities on rank 0.
+  smoothness, robust smoothness, eigenvalues, traces and densities on rank 0. A rank never holds all
+  its directions: they are computed from the recipe states ``MeasureSettings.chunk`` at a time, as in
+  one process. The cosines between directions on different ranks come from :meth:`Group.gram`, in
+  lockstep rounds over pairs of chunks: each round gathers one chunk of every rank, one piece of at
+  most 2²² coordinates per ``all_gather``, so a rank holds about two chunks of its own directions and
+  ``world × chunk`` copies of one piece (plus the trained step, already materialised, on its rank).
   The rows are gathered on rank 0, where the ratios to SGD are computed.
 - **The run store** is opened and written by rank 0 alone; each rank saves its recipe states in its
   own file (``probe_state-<step>.rank<r>of<world>.pt``), and rank 0's commit names them all.
@@ -33,11 +37,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from landscape.measure import DirectionSource
 
 __all__ = ["CollectiveError", "DistributedError", "Group", "assign_recipes", "dtensor_parameters", "full_tensor", "plain_replica",
            "same_on_every_rank", "unwrap"]
@@ -325,35 +332,161 @@ class Group:
                     "needs the same model, recipes, settings and the same probe batch"
                 )
 
-    def gram(self, local: Mapping[str, Mapping[str, Tensor]], order: Sequence[str], owner: Mapping[str, int],
-             like: Mapping[str, Tensor]) -> np.ndarray:
+    def gram(self, local: Mapping[str, Mapping[str, Tensor]] | DirectionSource, order: Sequence[str],
+             owner: Mapping[str, int], like: Mapping[str, Tensor], *, chunk: int | None = None) -> np.ndarray:
         """``G[i, j] = ⟨u_i, u_j⟩`` (float64) over the directions of every rank, in ``order``.
 
-        One ``all_gather`` per parameter tensor (the keys, shapes and dtypes of ``like``) of each rank's
-        directions for it (padded to the same count), then the float64 block product
-        :func:`~landscape.measure.cosine_matrix` computes in one process, so the cosines are those of a
-        one-process run, bit for bit. Memory: ``world × max directions per rank`` copies of one tensor.
+        Args:
+            local: this rank's directions, ``{name: u}`` or a
+                :class:`~landscape.measure.DirectionSource` that produces them a chunk at a time.
+            order: every rank's directions, in the matrix's order. owner: ``{name: its rank}``.
+            like: the parameter tensors (keys, shapes, dtypes, device) of a direction.
+            chunk: this rank's directions materialised at a time (default: all of them at once).
+
+        Lockstep rounds over pairs of chunk indices ``a ≤ b`` (every rank issues the same collectives in
+        the same order; a rank with fewer chunks sends zeros): in round ``(a, b)`` each rank holds its
+        chunk ``a`` and its chunk ``b`` (``b`` from the last down to ``a + 1``, which is then kept as the
+        next held chunk), gathers chunk ``b`` of every rank (``all_gather``) one packed piece of at
+        most 2²² coordinates at a time (whole tensors packed together, a larger one in slices), and
+        accumulates the float64 dot products of its chunk ``a`` against them. Each pair is computed on
+        exactly one rank (within ``a = b``, by the lower of the two ranks), so the sum of the ranks'
+        partial matrices, exchanged at the end, counts every entry once: it equals the dense float64
+        Gram matrix of one process to rounding. Peak memory per rank: two chunks of its directions and
+        ``world × chunk`` copies of one piece. A direction with norm 0 or non-finite entries gets NaN
+        rows, as in :func:`~landscape.measure.measure_step`.
+
+        A failure to produce a direction on one rank is carried through the remaining rounds (that rank
+        sends zeros) and raised as :class:`DistributedError` on every rank.
         """
+        from landscape.measure import DirectionSource, direction_problem
+
+        source = DirectionSource.of(local)
         names_of = [[n for n in order if owner[n] == r] for r in range(self.world)]
-        kmax = max(len(x) for x in names_of)
-        gram = torch.zeros(len(order), len(order), dtype=torch.float64)
-        mine = names_of[self.rank]
-        for key, ref in like.items():
-            flat = torch.zeros(kmax, ref.numel(), dtype=ref.dtype, device=ref.device)
-            for i, n in enumerate(mine):
-                flat[i] = local[n][key].detach().reshape(-1)
-            parts = [torch.empty_like(flat) for _ in range(self.world)]
+        size = max(1, int(chunk)) if chunk is not None else max(1, max(len(x) for x in names_of))
+        chunks_of = [[x[i:i + size] for i in range(0, len(x), size)] for x in names_of]
+        rounds = max(len(c) for c in chunks_of)
+        mine = chunks_of[self.rank]
+        index = {n: i for i, n in enumerate(order)}
+        keys = list(like)
+        segments = _segments(like, _PIECE)
+        part = torch.zeros(len(order), len(order), dtype=torch.float64)
+        undefined: list[str] = []
+        failure: str | None = None
+
+        def fetch(c: int) -> dict[str, dict[str, Tensor]]:
+            nonlocal failure
+            if failure is not None or c >= len(mine):
+                return {}
             try:
-                self._dist.all_gather(parts, flat)
-            except Exception as e:  # noqa: BLE001
-                raise CollectiveError(f"landscape probe: all_gather of the directions failed on rank {self.rank}: "
-                                       f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
-            block = torch.stack([parts[owner[n]][names_of[owner[n]].index(n)].double() for n in order])
-            gram += (block @ block.T).cpu()
-        return gram.numpy()
+                got = source.get(mine[c])
+                return {n: {k: got[n][k] for k in keys} for n in mine[c]}
+            except Exception as e:  # noqa: BLE001 - sent as zeros, then raised on every rank
+                failure = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                return {}
+
+        def rows(tree_of: Mapping[str, Mapping[str, Tensor]], names: Sequence[str], seg: list[tuple[str, int, int]],
+                 width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+            out = torch.zeros(width, sum(hi - lo for _, lo, hi in seg), dtype=dtype, device=device)
+            for i, n in enumerate(names):
+                if n not in tree_of:
+                    continue
+                at = 0
+                for key, lo, hi in seg:
+                    out[i, at:at + hi - lo] = tree_of[n][key].detach().reshape(-1)[lo:hi]
+                    at += hi - lo
+            return out
+
+        # Round order: (a, a), then (a, b) for b from the last chunk down to a + 1, whose chunk is kept as
+        # the next rounds' held chunk (so each outer step fetches one chunk fewer, still two alive at once).
+        carried: dict[str, dict[str, Tensor]] | None = None
+        for a in range(rounds):
+            held = fetch(a) if carried is None else carried
+            carried = None
+            for n, u in held.items():
+                if direction_problem(u) is not None:
+                    undefined.append(n)
+            ids = torch.tensor([index[n] for n in held], dtype=torch.long)
+            for b in [a, *range(rounds - 1, a, -1)]:
+                other = held if b == a else fetch(b)
+                theirs = [c[b] if b < len(c) else [] for c in chunks_of]
+                width = max(len(t) for t in theirs)
+                blocks = [torch.zeros(len(held), len(t), dtype=torch.float64) for t in theirs]
+                for seg, dtype, device in segments:
+                    flat = rows(other, mine[b] if b < len(mine) else [], seg, width, dtype, device)
+                    parts = [torch.empty_like(flat) for _ in range(self.world)]
+                    try:
+                        self._dist.all_gather(parts, flat)
+                    except Exception as e:  # noqa: BLE001
+                        raise CollectiveError(f"landscape probe: all_gather of the directions failed on rank {self.rank}: "
+                                               f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
+                    del flat
+                    if not held:
+                        continue
+                    mat = rows(held, list(held), seg, len(held), dtype, device).double()
+                    for s, t in enumerate(theirs):
+                        if t and not (b == a and s < self.rank):  # a pair within one chunk index: the lower rank's
+                            blocks[s] += (mat @ parts[s][:len(t)].double().T).cpu()
+                    del mat
+                    del parts
+                for s, t in enumerate(theirs):
+                    if not held or not t or (b == a and s < self.rank):
+                        continue
+                    jds = torch.tensor([index[n] for n in t], dtype=torch.long)
+                    if b == a and s == self.rank:  # the chunk against itself: both orders at once
+                        part[ids[:, None], ids[None, :]] += blocks[s]
+                    else:
+                        part[ids[:, None], jds[None, :]] += blocks[s]
+                        part[jds[:, None], ids[None, :]] += blocks[s].T
+                if b == a + 1:
+                    carried = other
+                del other
+            del held
+        outcomes = self.all_gather_object({"error": failure, "undefined": undefined, "part": part.numpy()})
+        failed = [(r, o["error"]) for r, o in enumerate(outcomes) if o["error"]]
+        if failed:
+            raise DistributedError(f"the directions of rank {failed[0][0]} of {self.world} could not be computed: "
+                                   f"{failed[0][1]}")
+        gram = np.zeros((len(order), len(order)), dtype=np.float64)
+        for o in outcomes:  # each entry is non-zero in one rank's part only: the sum is exact
+            gram += o["part"]
+        bad = [index[n] for o in outcomes for n in o["undefined"]]
+        gram[bad, :] = np.nan
+        gram[:, bad] = np.nan
+        return gram
 
     def __repr__(self) -> str:
         return f"Group(rank={self.rank}, world={self.world}, backend={self.backend!r})"
+
+
+_PIECE = 1 << 22  # coordinates per direction sent in one all_gather of Group.gram
+
+
+def _segments(like: Mapping[str, Tensor], piece: int) -> list[tuple[list[tuple[str, int, int]], torch.dtype, torch.device]]:
+    """The coordinates of ``like`` cut into pieces of at most ``piece``: each piece a list of
+    ``(key, lo, hi)`` slices of the flattened tensors of one dtype and device (small tensors packed
+    together, a larger one cut), with that dtype and device."""
+    out: list[tuple[list[tuple[str, int, int]], torch.dtype, torch.device]] = []
+    seg: list[tuple[str, int, int]] = []
+    used = 0
+    kind: tuple[torch.dtype, torch.device] | None = None
+    for key, ref in like.items():
+        n = ref.numel()
+        if (ref.dtype, ref.device) != kind and seg:
+            out.append((seg, *kind))  # type: ignore[misc]
+            seg, used = [], 0
+        kind = (ref.dtype, ref.device)
+        lo = 0
+        while lo < n:
+            take = min(n - lo, piece - used)
+            seg.append((key, lo, lo + take))
+            used += take
+            lo += take
+            if used == piece:
+                out.append((seg, *kind))
+                seg, used = [], 0
+    if seg:
+        out.append((seg, *kind))  # type: ignore[misc]
+    return out
 
 
 def _same_class(module: str, name: str, message: str) -> Exception:

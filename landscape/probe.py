@@ -983,24 +983,29 @@ class Probe:
         the merged rows on rank 0 and ``{}`` elsewhere. A failure on any rank raises on every rank."""
         g = self._group
         assert g is not None and self._pseudo is not None and self._store is not None
+        from landscape.measure import DirectionSource, pseudo_source
+
         names = self.objective.names
         self._sync({})  # a rank that switched off says so here, before any other collective
         self._synced_step = step
         x_next = self._snapshot()
-        local: dict[str, dict[str, Tensor]] = {}
+        # The rank's recipes' directions are computed from their states a chunk at a time
+        # (MeasureSettings.chunk), by the cross-rank Gram matrix and by measure_step alike, never all at
+        # once; the trained step (already materialised as x_t − x_{t+1}) joins them on its rank.
+        source = DirectionSource([], lambda wanted: {})
         err = None
         try:
-            local = self._pseudo.directions() if self._pseudo.names else {}
+            extra: dict[str, dict[str, Tensor]] = {}
             if g.rank == self._trained_rank:
                 real = tree.sub(x_t, x_next)
                 if float(tree.norm({n: real[n] for n in names})) > 0:
-                    local[str(self.trained_name)] = real
+                    extra[str(self.trained_name)] = {n: real[n] for n in names}
                 else:
                     self._store.log_event(step, "warning", "the optimizer did not move the measured parameters this step")
-            local = {k: {n: u[n] for n in names} for k, u in local.items()}
+            source = pseudo_source(self._pseudo, extra)
         except Exception as e:  # noqa: BLE001 - told to every rank below
             err = _text(e)
-        status = self._group.all_gather_object({"error": err, "names": list(local)})
+        status = self._group.all_gather_object({"error": err, "names": list(source.names)})
         failed = [(r, p["error"]) for r, p in enumerate(status) if p["error"]]
         if failed:
             raise DistributedError(f"the directions of rank {failed[0][0]} could not be computed: {failed[0][1]}")
@@ -1008,7 +1013,7 @@ class Probe:
         order = [n for n in [*self.recipes, str(self.trained_name)] if n in owner]
         cosine: list[dict[str, Any]] = []
         if self.settings.cosine and len(order) > 1:
-            gram = torch.from_numpy(g.gram(local, order, owner, {n: x_t[n] for n in names}))
+            gram = torch.from_numpy(g.gram(source, order, owner, {n: x_t[n] for n in names}, chunk=self.settings.chunk))
             norms = gram.diag().sqrt()
             cos = (gram / (norms[:, None] * norms[None, :]).clamp_min(1e-300)).numpy()
             cosine = [{"step": step, "a": a, "b": b, "cosine": float(cos[i, j])}
@@ -1016,14 +1021,14 @@ class Probe:
         progress = self._progress
         rows: dict[str, Any] = {}
         err = None
-        if local or g.rank == 0:
+        if len(source) or g.rank == 0:
             if progress is not None:
                 progress.measuring(step, len(order))
             try:
                 rows = measure_step(
-                    self.objective, step, {n: x_t[n] for n in names}, local, x_next={n: x_next[n] for n in names},
+                    self.objective, step, {n: x_t[n] for n in names}, source, x_next={n: x_next[n] for n in names},
                     settings=self._rank_settings(), measurement_index=self._measurements,
-                    progress=progress.phase_callback(step, len(local)) if progress is not None else None,
+                    progress=progress.phase_callback(step, len(source)) if progress is not None else None,
                     preconditioners=self._preconditioners(),
                 )
             except Exception as e:  # noqa: BLE001 - told to every rank below

@@ -9,11 +9,14 @@ rank 1, FSDP2), ``rank0-only`` (the probe on rank 0 only).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
+import time
 import traceback
 import warnings
+import weakref
 from datetime import timedelta
 from pathlib import Path
 
@@ -172,6 +175,12 @@ def scenario_ddp(folder: Path, rank: int, world: int) -> dict:
         opt7.zero_grad()
     probe7.close()
     result["manual_disabled"] = probe7.disabled
+    # 8. directions a chunk at a time: Group.gram on its own, then a probe with chunk=1
+    t0 = time.perf_counter()
+    result["gram"] = scenario_gram(rank, world)
+    t1 = time.perf_counter()
+    result["chunked"] = chunked_probe(folder / "chunked", rank, world)
+    result["seconds_chunks"] = [t1 - t0, time.perf_counter() - t1]  # printed by the test, never compared
     # 6. FSDP2: the probe reads the sharded gradients and measures on a plain replica; training goes on
     # exactly as without the probe
     try:
@@ -227,6 +236,102 @@ def scenario_ddp(folder: Path, rank: int, world: int) -> dict:
     fsdp["emb_params_equal"] = all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
     result["fsdp"] = fsdp
     return result
+
+
+class Counting:
+    """Wraps a ``directions(names)`` function: hands out fresh copies, records how many of them are alive
+    at once (weak references, without a garbage collection: a copy kept alive by a reference cycle
+    counts as alive), and keeps a float64 flat copy of each direction's first instance."""
+
+    def __init__(self, directions, names) -> None:
+        self.real, self.names = directions, list(names)
+        self.refs: list[weakref.ref] = []
+        self.peak = self.calls = 0
+        self.flat: dict[str, torch.Tensor] = {}
+
+    def __call__(self, wanted=None):
+        self.calls += 1
+        out = {}
+        for n, u in self.real(wanted).items():
+            t = {k: v.detach().clone() for k, v in u.items()}
+            self.refs.append(weakref.ref(t[next(iter(t))]))
+            self.flat.setdefault(n, torch.cat([t[k].reshape(-1).double() for k in self.names]))
+            out[n] = t
+        self.peak = max(self.peak, sum(r() is not None for r in self.refs))
+        return out
+
+
+def scenario_gram(rank: int, world: int) -> dict:
+    """Group.gram over directions owned unevenly (one rank with more chunks than the other, or none), in
+    pieces small enough to cut a tensor and pack two, against the dense float64 Gram matrix."""
+    import numpy as np
+
+    import landscape.distributed as ld
+    from landscape.measure import DirectionSource
+
+    g = ld.Group()
+    like = {"w": torch.zeros(3, 5), "b": torch.zeros(4), "v": torch.zeros(2, 3)}
+    gen = torch.Generator().manual_seed(5)
+    every = {f"d{i}": {k: torch.randn(t.shape, generator=gen) for k, t in like.items()} for i in range(7)}
+    every["d4"] = {k: torch.zeros_like(t) for k, t in like.items()}  # norm 0: NaN rows, as in one process
+    order = list(every)
+    flat = torch.stack([torch.cat([every[n][k].reshape(-1).double() for k in like]) for n in order])
+    dense = (flat @ flat.T).numpy()
+    dense[4, :] = dense[:, 4] = np.nan
+    out: dict = {"worst": 0.0, "peaks": [], "nan_rows_ok": True, "cases": 0}
+    real_piece = ld._PIECE
+    ld._PIECE = 7  # w is cut into 7 + 7 + 1, the 1 packed with b and part of v
+    try:
+        for owned in ({"d0": 0, "d1": 1, "d2": 0, "d3": 0, "d4": 1, "d5": 0, "d6": 0}, dict.fromkeys(order, 0)):
+            mine = [n for n in order if owned[n] == rank]
+            for chunk in (1, 2, 3):
+                counting = Counting(lambda names: {n: every[n] for n in names}, list(like))
+                got = g.gram(DirectionSource(mine, counting), order, owned, like, chunk=chunk)
+                ok = ~np.isnan(dense)
+                out["nan_rows_ok"] &= bool((np.isnan(got) == ~ok).all())
+                out["worst"] = max(out["worst"], float(np.max(np.abs(got[ok] - dense[ok]) / np.abs(dense[ok]).clip(1e-300))))
+                out["peaks"].append([counting.peak, chunk])
+                out["cases"] += 1
+    finally:
+        ld._PIECE = real_piece
+    return out
+
+
+def chunked_probe(out: Path, rank: int, world: int) -> dict:
+    """A DDP probe with MeasureSettings(chunk=1) measuring step 1: the most of this rank's directions
+    alive at once, and (rank 0) its cosines against a dense float64 Gram matrix of the same directions."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import landscape.distributed as ld
+
+    model = DDP(make_model())
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    batches, probe_batch = data()
+    probe = ls.Probe(model, loss_fn, probe_batch, out, every=EVERY, settings=dataclasses.replace(settings(), chunk=1))
+    probe.attach(opt)
+    names = list(probe.objective.names)
+    counting = Counting(probe._pseudo.directions, names)
+    probe._pseudo.directions = counting
+    x, y = batches[0]
+    before = {n: p.detach().clone() for n, p in model.module.named_parameters()}
+    loss_fn(model, (x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4])).backward()
+    opt.step()  # measures step 1
+    after = dict(model.module.named_parameters())
+    flat = dict(counting.flat)
+    flat[str(probe.trained_name)] = torch.cat([(before[n] - after[n].detach()).reshape(-1).double() for n in names])
+    local = len(probe._pseudo.names)
+    probe.close()
+    res = {"peak": counting.peak, "calls": counting.calls, "local": local, "disabled": probe.disabled}
+    every = ld.Group().all_gather_object({n: v.numpy() for n, v in flat.items()})
+    if rank == 0:
+        from landscape.store import load_run
+
+        vec = {n: torch.from_numpy(v) for part in every for n, v in part.items()}
+        rows = load_run(out).rows("cosine", step=1)
+        res["pairs"], res["directions"] = len(rows), len(vec)
+        res["worst"] = max(abs(r["cosine"] - float(vec[r["a"]] @ vec[r["b"]] / (vec[r["a"]].norm() * vec[r["b"]].norm())))
+                           for r in rows)
+    return res
 
 
 class Tokens(nn.Module):

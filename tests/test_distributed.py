@@ -182,6 +182,37 @@ def test_ddp_manual_form_store_equals_one_process_run(ddp):
     _assert_same_store(folder, "manual")
 
 
+def test_cross_rank_gram_in_chunks_equals_the_dense_float64_gram(ddp):
+    _, results, _ = ddp
+    print(f"seconds of the chunk scenarios per rank (Group.gram, the chunk=1 probe): {[r['seconds_chunks'] for r in results]}")
+    for r in results:
+        gram = r["gram"]
+        print(f"Group.gram: worst relative difference to the dense float64 Gram {gram['worst']:.1e}, "
+              f"(live directions, chunk) {gram['peaks']}")
+        assert gram["cases"] == 6 and gram["nan_rows_ok"]  # the norm-0 direction's row and column are NaN
+        assert gram["worst"] < 1e-12
+        # at most two chunks of the rank's own directions alive at once (its chunk a and its chunk b)
+        assert all(peak <= 2 * chunk for peak, chunk in gram["peaks"])
+        assert any(peak == 2 * chunk for peak, chunk in gram["peaks"])  # the counting sees the pairs
+
+
+def test_ddp_with_chunk_1_holds_two_directions_at_once_and_its_cosines_are_exact(ddp):
+    from landscape.optim import recipe_names
+
+    _, results, _ = ddp
+    for rank, r in enumerate(results):
+        ch = r["chunked"]
+        print(f"rank {rank}: {ch['local']} recipes, at most {ch['peak']} of their directions alive at once "
+              f"({ch['calls']} chunks produced)")
+        assert ch["disabled"] is None
+        assert ch["local"] >= 3  # one chunk at a time could not be told from all at once otherwise
+        assert ch["peak"] <= 2
+    k = len(recipe_names()) + 1  # the recipes and the trained step
+    assert results[0]["chunked"]["directions"] == k and results[0]["chunked"]["pairs"] == k * (k - 1) // 2
+    print(f"cross-rank cosines against a dense float64 Gram: worst {results[0]['chunked']['worst']:.1e}")
+    assert results[0]["chunked"]["worst"] < 1e-12
+
+
 def test_ddp_state_memory_is_divided_among_ranks(ddp):
     from landscape.optim import PseudoUpdates, recipe_names
 
