@@ -57,8 +57,10 @@ def counting_measure(results: list[dict], timed_step: int | None, repeats: int, 
         with MeasurementCost(objective, at=at, then=tell) as cost:
             rows = measure_step(objective, step, at, directions, progress=cost.progress, **kw)
         seconds = time.perf_counter() - t0
-        lines = {r["direction"]: len(r["s"]) - 1 for r in rows.get("lines", [])}
-        entry = {"step": step, "cost": cost, "lines": lines, "seconds": seconds,
+        # the lines measured (a direction measured once with another repeats that one's line)
+        lines = {r["direction"]: len(r["s"]) - 1 for r in rows.get("lines", []) if not r.get("measured_as")}
+        same = [f"{r['direction']} as {r['measured_as']}" for r in rows["sharpness"] if r.get("measured_as")]
+        entry = {"step": step, "cost": cost, "lines": lines, "seconds": seconds, "same": same,
                  "shifted": sum(bool(r["shifted"]) for r in rows["sharpness"]),
                  "directions": len(rows["sharpness"]), "engine": rows["_engine"][0]["engine"]}
         if step == timed_step and repeats > 0:
@@ -90,6 +92,8 @@ def report(entry: dict) -> None:
     c = entry["cost"]
     print(f"step {entry['step']}: {entry['directions']} directions ({entry['shifted']} δ-shifted), "
           f"engine {entry['engine']}, one forward = {c.forward_ratio:.3f} forward+backward")
+    if entry.get("same"):
+        print(f"  measured once with another (the same direction to float rounding): {', '.join(entry['same'])}")
     for phase in PHASES:
         print(f"  {phase:<24} {c.phases.get(phase, 0.0):6.2f} forward+backward")
     others = {k: v for k, v in c.phases.items() if k not in PHASES and v}
@@ -99,7 +103,7 @@ def report(entry: dict) -> None:
     print(f"  {'total':<24} {c.total:6.2f} forward+backward (target <= {TARGET:g}: {verdict})")
     pts = list(entry["lines"].values())
     if pts:
-        print(f"  line points per direction: mean {statistics.mean(pts):.2f}, max {max(pts)} "
+        print(f"  line points per measured line: mean {statistics.mean(pts):.2f}, max {max(pts)} "
               f"({sum(pts)} forwards in all)")
     print(f"  model forward calls: {c.calls['grad']} with autograd, {c.calls['no_grad']} without "
           f"(Taylor sweeps replay a traced graph)")

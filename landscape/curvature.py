@@ -334,7 +334,11 @@ class SharpnessMeter:
                     with curvature_operator(objective, self.curvature, shifted_at) as op:
                         shifted_value = float(op.quadratic_forms([units[i]])[0]) / norms[i] ** 2
                 else:
-                    _, _, (shifted_value,), _ = objective.directional_derivatives([units[i]], shifted_at, method=used)
+                    from landscape.objective import DirectionalDerivatives
+
+                    # the recording was checked against the model at x moments ago (the sweep above)
+                    with DirectionalDerivatives(objective, shifted_at, used, _trusted=used == "taylor") as shifted:
+                        _, _, (shifted_value,), _ = shifted([units[i]], stacklevel=stacklevel + 1)
                     shifted_value = float(shifted_value) / norms[i] ** 2
                 del shifted_at
             use_shift = shifted_value is not None

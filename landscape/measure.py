@@ -217,6 +217,7 @@ def bracketed_line(
     tol: float = 0.02,
     stretch: float = 2.5,
     batch: int = 1,
+    far: float = 3.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The landscape line ``ℓ(s) = f(x − s·û)``, ``s ≥ 0``, placed from the quadratic model and refined
     toward its minimum by a bracketing search: a few forward passes instead of a dense grid.
@@ -227,13 +228,19 @@ def bracketed_line(
 
     1. the first points are ``s*`` and ``stretch·s*`` (``stretch`` = 2.5, where the model is already
        above ``f0``), plus ``points − 2`` evenly spaced in between, evaluated ``batch`` at a time
-       (one batched forward where memory allows), nearest first, until one is above ``f0``;
+       (one batched forward where memory allows), nearest first, until one is above ``f0``. Along a
+       descent direction with no quadratic minimum (``S ≤ 0``) the search starts at ``far·s0``
+       (``far`` = 3; ``s0 = f0/G``, where the linear model reaches zero loss: on the demo's LM at
+       its first step, where every direction has negative curvature, the minima lay 3–10 × s0 out);
     2. until the loss at the farthest point rises above ``f0``, the farthest point is tripled (the
        loss is flatter than its model); if every point is above ``f0`` (the loss rose before ``s*``),
        the search moves toward 0 using the slope at 0;
     3. the minimum is refined by successive parabolic interpolation through the lowest point and its
-       neighbours (Brent's safeguards: a golden-section step where the parabola is not trusted), and
-       the search stops when the next estimate is within ``tol`` (relative) of the lowest point;
+       neighbours, or the cubic with the known slope at 0 (Brent's safeguards: a golden-section step
+       where the models are not trusted or stop converging), and the search stops when every model
+       puts the minimum within ``tol`` (relative) of the lowest point *and* that point was itself a
+       model's estimate (a lowest point that only bracketing produced is tested once more: a wide,
+       lopsided bracket can put a parabola's vertex on its middle point by chance);
     4. points are added evenly before the first rise until ``min_before`` lie there.
 
     The stored line therefore always shows where the loss rises above its start (unless
@@ -253,6 +260,7 @@ def bracketed_line(
         tol: relative tolerance on the best step.
         stretch: the first grid spans ``(0, stretch·s*]``.
         batch: points of the first grid evaluated together (``loss_at`` gets them in one call).
+        far: the first point along a descent direction with no quadratic minimum, in units of ``s0``.
 
     Returns:
         ``(s, loss)`` sorted by ``s``, ``s[0] = 0``.
@@ -265,9 +273,8 @@ def bracketed_line(
     elif g != 0 and S != 0 and math.isfinite(g) and math.isfinite(S):
         s0 = abs(g) / abs(S)
         if g > 0 and f0 > 0:
-            # no quadratic minimum: at least the step where the linear model reaches zero loss (for a
-            # loss ≥ 0 such as a cross-entropy, the farthest its minimum can usefully be sought from)
-            s0 = max(s0, f0 / g)
+            # no quadratic minimum: the step where the linear model reaches zero loss
+            s0 = f0 / g
     else:
         s0 = 1.0
     if not (0 < s0 < float("inf")):
@@ -286,7 +293,13 @@ def bracketed_line(
 
     golden = 0.381966
     top = stretch * s0
-    first = sorted({s0, top, *np.linspace(top / (points - 1), top * (points - 2) / (points - 1), points - 2).tolist()})
+    quad = g > 0 and S > 0
+    predicted = {s0} if quad else set()  # points a model put at the minimum
+    if quad or g <= 0 or not f0 > 0:
+        first = sorted({s0, top, *np.linspace(top / (points - 1), top * (points - 2) / (points - 1), points - 2).tolist()})
+    else:
+        # descent without a quadratic minimum: geometric steps from `far`·s0
+        first = [far * s0 * 3.0 ** i for i in range(points - 1)]
     # evaluated `batch` at a time, nearest first: once the loss is above its start the rest is not needed
     for i in range(0, len(first), max(1, int(batch))):
         add(first[i:i + max(1, int(batch))])
@@ -309,6 +322,7 @@ def bracketed_line(
     # successive parabolic interpolation through the bracket (Brent's method without its bookkeeping)
     ratio = 3.0
     parabolic = 0
+    moves: list[float] = []
     while room() > 0:
         s_sorted = sorted(pts)
         values = [pts[t] for t in s_sorted]
@@ -323,7 +337,7 @@ def bracketed_line(
         if a > 0 and m / a > ratio:
             add([math.sqrt(a * m)])
             continue
-        if parabolic >= 3:
+        if parabolic >= 5:
             break
         den = (m - a) * (fm - fc) - (m - c) * (fm - fa)
         num = (m - a) ** 2 * (fm - fc) - (m - c) ** 2 * (fm - fa)
@@ -331,16 +345,28 @@ def bracketed_line(
         u_cub = _cubic_min(f0, g, m, fm, c, fc) if a == 0 and g > 0 else math.nan
         lo, hi = a + 0.1 * (m - a), c - 0.1 * (c - m)
         inside = [u for u in (u_cub, u_par) if lo < u < hi]
-        if inside and all(abs(u - m) <= tol * m for u in inside) and len(inside) == len(
+        if m in predicted and inside and all(abs(u - m) <= tol * m for u in inside) and len(inside) == len(
                 [u for u in (u_cub, u_par) if math.isfinite(u)]):
             break  # every model of the bracket puts the minimum at the lowest point
-        far = [u for u in inside if abs(u - m) > tol * m]
-        if far:
-            u = far[0]  # the cubic (slope at 0 known) first, else the parabola
+        model_step = [u for u in inside if abs(u - m) > tol * m]
+        if model_step and len(moves) >= 2 and abs(model_step[0] - m) > 0.5 * moves[-2]:
+            model_step = []  # the models are not converging (Brent's test): a golden-section step
+            inside = []
+        if model_step:
+            u = model_step[0]  # the cubic (slope at 0 known) first, else the parabola
+        elif inside and m not in predicted:
+            u = inside[0]  # the models agree with the lowest point, which no model proposed: test them
+            model_step = [u]
+            if abs(u - m) < 1e-3 * m:
+                predicted.add(m)
+                continue
         else:
             # golden-section step into the larger side
             u = m + golden * (c - m) if c - m > m - a else m - golden * (m - a)
         parabolic += 1
+        if model_step:
+            predicted.add(u)
+        moves.append(abs(u - m))
         add([u])
     # 4. enough points before the rise
     s_sorted = sorted(pts)

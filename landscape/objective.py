@@ -425,17 +425,19 @@ class Objective:
             return session(vs, stacklevel=3)
 
     def _try_taylor(
-        self, point: Mapping[str, Tensor], vs: Sequence[Mapping[str, Tensor]], keep: dict | None = None
+        self, point: Mapping[str, Tensor], vs: Sequence[Mapping[str, Tensor]], keep: dict | None = None,
+        trusted: bool = False,
     ) -> tuple[tuple[float, list[float], list[float]] | None, str | None, bool]:
         """``(result, None, False)``, or ``(None, reason, stale)``: ``stale`` when the loss was supported
         when recorded but the sweep failed here (worth a warning: the user's model changed under it).
         ``keep``: a dict in which the primal values of a single micro-batch are kept between calls at
-        the same point (:class:`DirectionalDerivatives`)."""
+        the same point (:class:`DirectionalDerivatives`). ``trusted``: the recording was checked
+        against the model at another point moments ago (in the same measurement)."""
         graphs = self._taylor_graphs(point)
         if isinstance(graphs, str):
             return None, graphs, False
         try:
-            swept = self._taylor_sweep(graphs, point, vs, keep)
+            swept = self._taylor_sweep(graphs, point, vs, keep, trusted=trusted)
             if swept is None:
                 # The recording went stale (a plain tensor attribute of the model changed, say): record
                 # again here once.
@@ -553,11 +555,14 @@ class Objective:
 
     def _taylor_sweep(
         self, graphs: list[Any], point: Mapping[str, Tensor], vs: Sequence[Mapping[str, Tensor]],
-        keep: dict | None = None,
+        keep: dict | None = None, trusted: bool = False,
     ) -> tuple[float, list[float], list[float]] | None:
         """The sweep, or ``None`` when a recorded graph no longer reproduces the loss at ``point``.
         With ``keep`` and a single micro-batch, the primal (and its check) is computed once and kept
-        there for the next call at the same point."""
+        there for the next call at the same point. ``trusted``: the recording reproduced the loss at
+        another point of this measurement, so a recording whose trace read no value that depends on
+        the point (:attr:`~landscape.taylor.TaylorGraph.reads_point_values`: it froze no branch) is
+        valid here too and the check's forward pass is skipped (the δ-shifted sweeps)."""
         total = 0.0
         firsts = [0.0] * len(vs)
         seconds = [0.0] * len(vs)
@@ -572,10 +577,11 @@ class Objective:
                     primal = graph.primal(measured, rest)
                     # Guard against a trace that froze control flow depending on parameter values: the
                     # recorded graph must give the loss the model gives here (one extra forward pass).
-                    with torch.no_grad():
-                        direct = float(self._call(point, self.batches[i]))
-                    if not _agree(float(primal.loss), direct):
-                        return None
+                    if not (trusted and not getattr(graph, "reads_point_values", True)):
+                        with torch.no_grad():
+                            direct = float(self._call(point, self.batches[i]))
+                        if not _agree(float(primal.loss), direct):
+                            return None
                     if reuse:
                         keep.update(graph=graph, primal=primal)
                 traced = float(primal.loss)
@@ -726,9 +732,11 @@ class DirectionalDerivatives:
         method: ``"auto"``, ``"taylor"`` or ``"hvp"`` (see :meth:`Objective.directional_derivatives`).
     """
 
-    def __init__(self, objective: Objective, at: Mapping[str, Tensor] | None = None, method: str = "auto") -> None:
+    def __init__(self, objective: Objective, at: Mapping[str, Tensor] | None = None, method: str = "auto",
+                 *, _trusted: bool = False) -> None:
         if method not in ("auto", "taylor", "hvp"):
             raise ValueError(f"method must be 'auto', 'taylor' or 'hvp', got {method!r}")
+        self._trusted = _trusted  # the recording was checked at another point of this measurement
         self.objective = objective
         self.point = objective._point(at)
         self.method = method
@@ -747,7 +755,7 @@ class DirectionalDerivatives:
             obj._check_direction(v, f"vector {i}")
             vs_.append({n: v[n].to(dtype=point[n].dtype, device=point[n].device) for n in obj.names})
         if self.method != "hvp" and self.used != "hvp":
-            swept, reason, stale = obj._try_taylor(point, vs_, self._keep)
+            swept, reason, stale = obj._try_taylor(point, vs_, self._keep, trusted=self._trusted)
             if swept is not None:
                 self.used = "taylor"
                 return (*swept, "taylor")

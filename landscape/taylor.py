@@ -743,6 +743,9 @@ class _BatchConstants(TorchDispatchMode):
             raise RuntimeError("batch constants need an active make_fx trace")
         self.tracer = mode.tracer
         self.constant = WeakIdKeyDictionary()  # recorded tensors computed from the batch alone
+        # whether the trace read values (or value-dependent shapes) of tensors that depend on the
+        # point: then a Python branch on them was frozen at the traced point (see TaylorGraph)
+        self.read_point_values = False
 
     def _traced(self, t: Tensor) -> bool:
         """``t`` depends on the traced inputs."""
@@ -764,6 +767,9 @@ class _BatchConstants(TorchDispatchMode):
         kwargs = kwargs or {}
         tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
         if any(self._traced(t) for t in tensors):
+            if (torch.Tag.data_dependent_output in func.tags or torch.Tag.dynamic_output_shape in func.tags
+                    or func is aten.is_nonzero.default):
+                self.read_point_values = True
             for t in _mutated(func, args, kwargs):
                 if t in self.constant:
                     self._now_traced(t)
@@ -799,12 +805,20 @@ class TaylorGraph:
     def __init__(self, fn: Callable[[list[Tensor], list[Tensor]], Tensor], measured: Sequence[Tensor], others: Sequence[Tensor]) -> None:
         from torch.fx.experimental.proxy_tensor import make_fx
 
+        modes: list[_BatchConstants] = []
+
         def traced(meas: list[Tensor], rest: list[Tensor]) -> Tensor:
-            with _BatchConstants():
+            with _BatchConstants() as mode:
+                modes.append(mode)
                 return fn(meas, rest)
 
         with torch.no_grad():
             self.gm: GraphModule = make_fx(traced, tracing_mode="real")(list(measured), list(others))
+        # True when the loss read values of tensors that depend on the point while it was traced
+        # (``.item()``, ``bool(t)``, ``torch.equal``, value-dependent shapes): the recording then holds
+        # the branches taken at the traced point and must be checked against the model at every point.
+        # False: the recording is the loss's own dataflow, valid at every point where it was valid once.
+        self.reads_point_values = any(m.read_point_values for m in modes)
         self.n_measured = len(measured)
         nodes = list(self.gm.graph.nodes)
         self.placeholders = [n for n in nodes if n.op == "placeholder"]

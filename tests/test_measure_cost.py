@@ -137,3 +137,36 @@ def test_quadratic_model_lines_in_a_measurement_cost_two_points():
         assert r["best_step"] == pytest.approx(closed, rel=1e-9)
         assert sh["best_step"] == pytest.approx(closed, rel=1e-9)
         assert len(r["s"]) == 3
+
+
+@pytest.mark.parametrize("G, negS, q", [(1.0, 0.5, 0.01), (0.3, 2.0, 0.2), (2.0, 0.05, 0.0005)])
+def test_a_descent_line_with_negative_curvature_matches_the_dense_grid(G, negS, q):
+    # ℓ(s) = f0 − G s − |S| s²/2 + q s³: no quadratic minimum at 0, a minimum farther out
+    f0 = 4.0
+
+    def ell(t):
+        return f0 - G * t - 0.5 * negS * t ** 2 + q * t ** 3
+
+    s, loss, n = _line(ell, f0, G, -negS)
+    dense = np.linspace(0, s.max(), 4000)
+    ref = dense[np.argmin(ell(dense))]
+    assert abs(s[np.argmin(loss)] - ref) <= 0.05 * ref
+    assert loss.max() > f0 and n <= 9
+
+
+@pytest.mark.parametrize("w, k, S", [(0.05, 0.01, -0.3), (0.2, 0.01, -2.0), (1.0, 0.002, -2.0), (3.0, 0.0005, None)])
+def test_a_line_that_flattens_fast_matches_the_dense_grid(w, k, S):
+    # the shape of a language model's lines at its first step: steep at 0, flat long before the
+    # minimum (ℓ(s) = f0 − G·w·log(1 + s/w) + k s²), reported with a negative (shifted) curvature or
+    # its true one (None). The search of the previous release missed these minima by 5–15%.
+    f0, G = 4.3, 1.2
+    S = G / w + 2 * k if S is None else S
+
+    def ell(t):
+        return f0 - G * w * np.log1p(t / w) + k * t ** 2
+
+    s, loss, n = _line(ell, f0, G, S)
+    dense = np.geomspace(1e-4, max(s.max(), 1e3), 40000)
+    ref = dense[np.argmin(ell(dense))]
+    assert abs(s[np.argmin(loss)] - ref) <= 0.05 * ref
+    assert loss.max() > f0 and n <= 9

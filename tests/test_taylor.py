@@ -539,3 +539,39 @@ def test_first_order_cross_check_catches_a_changed_derivative_structure():
     assert torch.all(grad["a"] == 0)
     assert "disagrees" in obj.taylor_support()
     assert x["a"].equal(model.a.detach())
+
+
+def test_shifted_sweeps_skip_the_recordings_check_yet_match_the_dense_hessian_there():
+    # The δ-shifted sweeps run right after the sweep at x checked the recording against the model: a
+    # recording that read no value depending on the point is valid at x − δû too, so they add no
+    # forward pass of the model (one per shifted direction before).
+    from landscape.curvature import SharpnessMeter
+    from tests._models import MLP
+
+    torch.manual_seed(0)
+    model = MLP(3, 5, 2).double()
+    x, y = torch.randn(16, 3, dtype=D), torch.randn(16, 2, dtype=D)
+    obj = ls.Objective(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]), (x, y))
+    p = obj.params()
+    gen = torch.Generator().manual_seed(2)
+    dirs = {f"d{i}": tree.randn_like(p, gen) for i in range(4)}
+    assert obj.taylor_support() is None
+    assert all(g.reads_point_values is False for g in obj._taylor_graphs(p))
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        with SharpnessMeter(obj, at=p, shift="always", delta=0.05, method="taylor", need_grad=False) as meter:
+            res = meter.measure(dirs)
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # the check at x only
+    flat = torch.cat([p[n].reshape(-1) for n in obj.names])
+
+    def f(v):
+        return torch.nn.functional.mse_loss(torch.func.functional_call(model, tree.unflatten(v, p), (x,)), y)
+
+    for k, u in dirs.items():
+        v = torch.cat([u[n].reshape(-1) for n in obj.names])
+        v = v / v.norm()
+        H = torch.func.hessian(f)(flat - 0.05 * v)
+        assert res[k].shifted and res[k].value == pytest.approx(float(v @ H @ v), rel=1e-9)
