@@ -283,6 +283,11 @@ class Probe:
         sinks: experiment trackers that also receive each measurement's scalars and histograms once
             its rows are committed: TensorBoard ``SummaryWriter`` objects, ``wandb`` runs, MLflow runs, functions (see
             :mod:`landscape.sinks` for the tags). A sink that fails is switched off alone.
+        start_step: attaching to a run already in progress, with a new ``out`` folder: the optimizer
+            steps taken before. Default: the optimizer's own step count (Adam's ``step``; 0 for a fresh
+            optimizer); pass it for an optimizer that keeps none (plain SGD). Steps are then numbered as
+            the optimizer's, the first one seen is measured, and the recipes' states start from zero
+            there. Ignored when ``out`` holds a run to resume.
 
     Under torch.distributed (``torchrun``; DDP or FSDP2) create and attach the probe on every rank with
     the same arguments: the recipes are divided among the ranks and rank 0 alone writes ``out`` (see
@@ -321,9 +326,12 @@ class Probe:
         save_directions: bool | Iterable[str] = True,
         progress: bool | Any = False,
         sinks: Iterable[Any] | None = None,
+        start_step: int | None = None,
     ) -> None:
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
+        if start_step is not None and (isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0):
+            raise ValueError(f"start_step must be a non-negative integer (optimizer steps already taken), got {start_step!r}")
         # torch.distributed: checked before anything of the model is touched (see landscape.distributed)
         self._group = Group.current()
         model = unwrap(model)  # DDP's / DataParallel's inner module: names without the "module." prefix
@@ -363,6 +371,8 @@ class Probe:
         self._optimizer: torch.optim.Optimizer | None = None
         self._handle: ProbeHandle | None = None
         self.step = 0  # optimizer steps seen (the number of the step in progress while it runs)
+        self._start_step = start_step
+        self._first_step = 1  # the first step this probe records (after the steps a mid-run attach skipped)
         self._pending: dict[str, Any] | None = None
         self._pending_loss: float | None = None
         self._step_rows: list[dict[str, Any]] = []
@@ -557,14 +567,18 @@ class Probe:
                     raise ResumeError(
                         f"run folder {self.out} holds {info['done']} training steps but no saved recipe states, so it "
                         "cannot be resumed on the same trajectory; write to a new out folder")
-                self._check_optimizer_step(optimizer, 0)
-                return None
+                return {"start": self._starting_step(optimizer)}
             self._check_optimizer_step(optimizer, int(state["step"]))
             self._pseudo.load_state_dict(state["pseudo"])  # type: ignore[union-attr]
             return state, source
 
         loaded = g.agree(load, "resuming the run folder")
-        if loaded is None:
+        if isinstance(loaded, dict):  # a new folder
+            starts = {int(x) for x in g.all_gather_object(loaded["start"])}
+            if len(starts) != 1:
+                raise ResumeError(f"the ranks' optimizers have taken different numbers of steps ({sorted(starts)}): "
+                                  "attach the probe at the same step on every rank")
+            self._start_at(loaded["start"])
             return
         state, source = loaded
         step = int(state["step"])
@@ -616,7 +630,7 @@ class Probe:
                     "written with save_state=False, or stopped before its first measurement), so it cannot be "
                     "resumed on the same trajectory; write to a new out folder"
                 )
-            self._check_optimizer_step(optimizer, 0)
+            self._start_at(self._starting_step(optimizer))
             return
         step = int(state["step"])
         self._check_optimizer_step(optimizer, step)
@@ -633,6 +647,32 @@ class Probe:
         )
         self._store.log_event(step, "resume", message)
         print(f"landscape: {self.out}: {message}", file=sys.stderr)
+
+    def _starting_step(self, optimizer: torch.optim.Optimizer | None) -> int:
+        """A new run folder: the optimizer steps taken before the probe was attached, from ``start_step``
+        or the optimizer's own step count (0 for a fresh optimizer, or one that keeps no count)."""
+        taken = _optimizer_steps(optimizer) if optimizer is not None else None
+        if self._start_step is None:
+            return taken or 0
+        if taken is not None and taken != self._start_step:
+            raise ValueError(
+                f"start_step={self._start_step}, but the optimizer has taken {taken} steps: pass the number of steps "
+                "the optimizer has taken (or leave start_step out to take it from the optimizer)")
+        return self._start_step
+
+    def _start_at(self, start: int) -> None:
+        """Begin a new run folder after ``start`` steps of training the probe did not see: the step rows are
+        numbered as the optimizer's steps, the first step seen is measured, and the recipe states start from
+        zero there (their momenta hold only the gradients seen from then on)."""
+        if not start:
+            return
+        self.step = start
+        self._first_step = start + 1
+        if self._store is not None:
+            self._store.set_meta("start_step", start)
+            self._store.log_event(start, "attach", (
+                f"attached after {start} optimizer steps: steps are numbered from {start + 1}, which is measured; "
+                "the recipes' states start from zero there, so their momenta hold only the gradients seen since"))
 
     def _check_optimizer_step(self, optimizer: torch.optim.Optimizer | None, step: int) -> None:
         if optimizer is None:
@@ -701,7 +741,7 @@ class Probe:
             pass
 
     def _is_due(self, step: int) -> bool:
-        return step == 1 or step % self.every == 0
+        return step == self._first_step or step % self.every == 0
 
     def _sync(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
         """The first exchange of every point where the ranks meet (a measurement, a commit): raises
@@ -856,7 +896,7 @@ class Probe:
             self.timings["tracking"] += time.perf_counter() - t0
             return
         row["grad_norm"] = gnorm
-        due = self.step == 1 or self.step % self.every == 0
+        due = self._is_due(self.step)
         keep = self._keep(self.step)
         if x_t is None and (due or keep):
             x_t = self._snapshot()

@@ -147,6 +147,11 @@ def scenario_ddp(folder: Path, rank: int, world: int) -> dict:
     opt4 = torch.optim.AdamW(model4.parameters(), lr=0.05)
     train(model4, folder / "resumed", rank, world, steps=3, probe_model=model4, opt=opt4)
     train(model4, folder / "resumed", rank, world, steps=STEPS, probe_model=model4, opt=opt4, start=3)
+    # 9. attached after 2 steps of DDP training, to a new folder: the steps numbered from the optimizer's
+    model9 = DDP(make_model())
+    opt9 = torch.optim.AdamW(model9.parameters(), lr=0.05)
+    train(model9, None, rank, world, steps=2, opt=opt9)
+    train(model9, folder / "midrun", rank, world, probe_model=model9, opt=opt9, start=2)
     # 5. the recipes of rank 1 fail on a gradient at step 3: both probes switch off, training goes on
     model5 = DDP(make_model())
     opt5 = torch.optim.AdamW(model5.parameters(), lr=0.05)

@@ -118,6 +118,10 @@ LATER_RTOL_CLIPPED = 5e-3
 # for the trained step, whose direction is a difference of two float32 points, 2e-5 for adam); the losses
 # themselves are held to LATER_RTOL_*.
 LINE_POINTS_RTOL = 1e-3
+# Near a flat minimum that rounding can also flip the search's stopping test (seen with one OpenMP thread:
+# adafactor_clip at step 4 ended with 6 points against 7). The lines then share their first points and
+# their lowest loss, and their best steps agree to the 5% the search promises against a dense grid.
+LINE_BEST_RTOL = 0.05
 
 
 def _clipped(direction: str) -> bool:
@@ -141,12 +145,19 @@ def _assert_same_store(folder: Path, name: str) -> None:
             worst[a["direction"]] = max(_rel(a["sharpness"], b["sharpness"]), _rel(a["ratio_to_sgd"] or 0, b["ratio_to_sgd"] or 0),
                                         _rel(a["update_norm"], b["update_norm"]))
         for a, b in zip(two.rows("lines", step=step), one.rows("lines", step=step), strict=True):
-            assert a["direction"] == b["direction"] and len(a["s"]) == len(b["s"])
-            worst[a["direction"]] = max(worst[a["direction"]], _rel(a["loss"], b["loss"]))
+            assert a["direction"] == b["direction"]
             if step == 1:
-                worst[a["direction"]] = max(worst[a["direction"]], _rel(a["s"], b["s"]))
-            else:  # the refined points are vertices of parabolas through nearly equal losses near the minimum
+                assert len(a["s"]) == len(b["s"])
+                worst[a["direction"]] = max(worst[a["direction"]], _rel(a["loss"], b["loss"]), _rel(a["s"], b["s"]))
+            elif len(a["s"]) == len(b["s"]):  # the refined points are vertices of parabolas through nearly equal losses
+                worst[a["direction"]] = max(worst[a["direction"]], _rel(a["loss"], b["loss"]))
                 assert _rel(a["s"], b["s"]) < LINE_POINTS_RTOL, (step, a["direction"], _rel(a["s"], b["s"]))
+            else:  # the search's stopping test flipped on that rounding: the same start, the same minimum
+                n = 2  # 0 and the first point, placed before any refinement
+                assert _rel(a["s"][:n], b["s"][:n]) < LINE_POINTS_RTOL and _rel(a["loss"][:n], b["loss"][:n]) < LATER_RTOL_CLIPPED
+                ia, ib = int(np.argmin(a["loss"])), int(np.argmin(b["loss"]))
+                assert _rel(min(a["loss"]), min(b["loss"])) < LATER_RTOL_CLIPPED, (step, a["direction"])
+                assert _rel(a["s"][ia], b["s"][ib]) < LINE_BEST_RTOL, (step, a["direction"], a["s"][ia], b["s"][ib])
         (sa,), (sb,) = two.rows("smoothness", step=step), one.rows("smoothness", step=step)
         smooth = max(_rel(sa["l_hat"], sb["l_hat"]), _rel(list(sa["per_gamma"].values()), list(sb["per_gamma"].values())))
         cos_a, cos_b = two.rows("cosine", step=step), one.rows("cosine", step=step)
@@ -259,6 +270,22 @@ def test_a_two_rank_run_resumed_by_two_ranks_continues_the_same_trajectory(ddp):
         assert a["direction"] == b["direction"]
         tol = LATER_RTOL_CLIPPED if _clipped(a["direction"]) else LATER_RTOL_UNCLIPPED
         assert _rel(a["sharpness"], b["sharpness"]) < tol, a["direction"]
+
+
+def test_a_two_rank_probe_attached_mid_run_equals_a_one_process_one(ddp):
+    folder, _, worker = ddp
+    model = worker.make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    worker.train(model, None, steps=2, opt=opt)
+    worker.train(model, folder / "ref-midrun", opt=opt, start=2)
+    one, two = load_run(folder / "ref-midrun"), load_run(folder / "midrun")
+    assert one.meta["start_step"] == two.meta["start_step"] == 2
+    assert one.steps("steps") == two.steps("steps") == [3, 4, 5] and one.steps() == two.steps() == [3, 4]
+    for step in (3, 4):
+        for a, b in zip(two.rows("sharpness", step=step), one.rows("sharpness", step=step), strict=True):
+            assert a["direction"] == b["direction"]
+            tol = LATER_RTOL_CLIPPED if _clipped(a["direction"]) else LATER_RTOL_UNCLIPPED
+            assert _rel(a["sharpness"], b["sharpness"]) < tol, (step, a["direction"])
 
 
 def test_a_rank_whose_probe_switches_off_switches_every_rank_off_without_hanging(ddp):

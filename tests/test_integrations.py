@@ -219,7 +219,7 @@ def test_hf_resume_from_a_checkpoint_continues_the_probe_on_the_same_trajectory(
 
     hf_logging.set_verbosity_error()
 
-    def fit(out, hf_out, resume=None):
+    def fit(out, hf_out, resume=None, probed=True):
         torch.manual_seed(0)
         model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=32,
                                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
@@ -228,8 +228,8 @@ def test_hf_resume_from_a_checkpoint_continues_the_probe_on_the_same_trajectory(
             use_cpu=True, save_strategy="steps", save_steps=3, logging_strategy="no", seed=0,
             dataloader_num_workers=0, disable_tqdm=True,
         )
-        cb = LandscapeCallback(out, every=2, recipes=RECIPES, settings=FAST)
-        trainer = Trainer(model=model, args=args, train_dataset=TokenData(), callbacks=[cb])
+        cb = LandscapeCallback(out, every=2, recipes=RECIPES, settings=FAST) if probed else None
+        trainer = Trainer(model=model, args=args, train_dataset=TokenData(), callbacks=[cb] if probed else [])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer.train(resume_from_checkpoint=resume)
@@ -245,13 +245,22 @@ def test_hf_resume_from_a_checkpoint_continues_the_probe_on_the_same_trajectory(
     ca, cb_ = a.columns("sharpness"), b.columns("sharpness")
     torch.testing.assert_close(torch.tensor(cb_["sharpness"]), torch.tensor(ca["sharpness"]), rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(torch.tensor(cb_["update_norm"]), torch.tensor(ca["update_norm"]), rtol=1e-4, atol=0)
+    # the callback joining a run resumed from a checkpoint written without it: a new folder from step 4
+    fit(None, tmp_path / "plain", probed=False)
+    fit(tmp_path / "joined", tmp_path / "plain", resume=str(tmp_path / "plain" / "checkpoint-3"))
+    c = load_run(tmp_path / "joined")
+    assert c.steps("steps") == [4, 5, 6] and c.steps() == [4, 6] and c.meta["start_step"] == 3
+    for step in (4, 6):  # the real step is the trained optimizer's own: as the whole run measured it
+        (ra,) = [r for r in a.rows("sharpness", step=step) if r["direction"].endswith("(trained)")]
+        (rc,) = [r for r in c.rows("sharpness", step=step) if r["direction"].endswith("(trained)")]
+        torch.testing.assert_close(rc["sharpness"], ra["sharpness"], rtol=1e-4, atol=1e-7)
 
 
 @needs_lightning
 def test_lightning_resume_from_a_checkpoint_continues_the_probe_on_the_same_trajectory(tmp_path, quiet_lightning):
     from landscape.integrations.lightning import LandscapeCallback
 
-    def fit(out, ckdir, steps, resume=None):
+    def fit(out, ckdir, steps, resume=None, probed=True):
         L.seed_everything(0, verbose=False)
         module = TinyModule()
         module.net[2].p = 0.0  # no dropout: the resumed RNG stream need not match
@@ -259,8 +268,8 @@ def test_lightning_resume_from_a_checkpoint_continues_the_probe_on_the_same_traj
         data = torch.utils.data.TensorDataset(torch.randn(24, 6, generator=gen), torch.randint(0, 3, (24,), generator=gen))
         loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=False)  # 3 steps an epoch
         ck = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckdir, every_n_train_steps=3, save_top_k=-1)
-        cb = LandscapeCallback(out, every=2, recipes=RECIPES, settings=FAST)
-        trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, callbacks=[cb, ck],
+        cb = [LandscapeCallback(out, every=2, recipes=RECIPES, settings=FAST)] if probed else []
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, callbacks=[*cb, ck],
                             enable_progress_bar=False, enable_model_summary=False, deterministic=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -275,3 +284,13 @@ def test_lightning_resume_from_a_checkpoint_continues_the_probe_on_the_same_traj
     assert any("resumed after step 3" in e["message"] for e in b.events())
     ca, cb_ = a.columns("sharpness"), b.columns("sharpness")
     torch.testing.assert_close(torch.tensor(cb_["sharpness"]), torch.tensor(ca["sharpness"]), rtol=1e-5, atol=1e-8)
+    # the callback joining a run resumed from a checkpoint written without it: a new folder from step 4
+    fit(None, tmp_path / "ck_plain", 6, probed=False)
+    resume = next((tmp_path / "ck_plain").glob("*step=3.ckpt"))
+    fit(tmp_path / "joined", tmp_path / "ck_plain", 6, resume=str(resume))
+    c = load_run(tmp_path / "joined")
+    assert c.steps("steps") == [4, 5, 6] and c.steps() == [4, 6] and c.meta["start_step"] == 3
+    for step in (4, 6):
+        (ra,) = [r for r in a.rows("sharpness", step=step) if r["direction"].endswith("(trained)")]
+        (rc,) = [r for r in c.rows("sharpness", step=step) if r["direction"].endswith("(trained)")]
+        torch.testing.assert_close(rc["sharpness"], ra["sharpness"], rtol=1e-5, atol=1e-8)

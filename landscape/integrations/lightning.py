@@ -177,6 +177,8 @@ class LandscapeCallback(pl.Callback):
 
             source = same_on_every_rank(copy_batch(batch, "cpu"))
         probe_batch = copy_batch(source, pl_module.device)
+        if self._restored is None and trainer.global_step:  # the callback joins a run already in progress
+            kwargs.setdefault("start_step", trainer.global_step)
         self.probe = Probe(pl_module, self.loss_fn, probe_batch, self.out, every=self.every, meta=meta, **kwargs)
         if self._restored is not None:
             self.probe.load_state_dict(self._restored)

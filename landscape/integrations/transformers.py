@@ -197,12 +197,13 @@ class LandscapeCallback(TrainerCallback):
             else:
                 warnings.warn("LandscapeCallback: the Trainer running this callback was not found, so the measurements "
                               "are not logged through it (they are in the run store)", RuntimeWarning, stacklevel=2)
+        saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / PROBE_STATE_FILE
+        if state.global_step and not saved.is_file():  # the callback joins a run already in progress
+            probe_kwargs.setdefault("start_step", state.global_step)
         self.probe = Probe(model, self.loss_fn, copy_batch(source, device), self.out, every=self.every, meta=meta,
                            **probe_kwargs)
-        if state.global_step:  # resumed from checkpoint-<step>: the probe's state saved there by on_save
-            saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / PROBE_STATE_FILE
-            if saved.is_file():
-                self.probe.load_state_dict(torch.load(saved, weights_only=True, map_location="cpu"))
+        if state.global_step and saved.is_file():  # resumed from checkpoint-<step>: the probe's state saved there by on_save
+            self.probe.load_state_dict(torch.load(saved, weights_only=True, map_location="cpu"))
         self.probe.attach(opt)
         self._hook = model.register_forward_hook(self._record_loss)
 
