@@ -108,6 +108,34 @@ def _convert_floats(obj: Any, dtype: torch.dtype) -> Any:
     return obj
 
 
+def _model_device(model: nn.Module) -> torch.device | None:
+    """The one device all of ``model``'s parameters live on, or ``None`` (several, or none, or meta)."""
+    devices = {p.device for p in model.parameters()}
+    if len(devices) != 1:
+        return None
+    (device,) = devices
+    return None if device.type == "meta" else device
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor on another device than ``device`` moved there (containers rebuilt,
+    tensors already there kept as they are)."""
+    if isinstance(obj, Tensor):
+        return obj if obj.device == device else obj.to(device)
+    if isinstance(obj, Mapping):
+        items = {k: _to_device(v, device) for k, v in obj.items()}
+        if all(items[k] is v for k, v in obj.items()):
+            return obj
+        return type(obj)(items) if isinstance(obj, dict) else items
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        moved = [_to_device(v, device) for v in obj]
+        return obj if all(a is b for a, b in zip(moved, obj)) else type(obj)(*moved)
+    if isinstance(obj, (list, tuple)):
+        moved = [_to_device(v, device) for v in obj]
+        return obj if all(a is b for a, b in zip(moved, obj)) else type(obj)(moved)
+    return obj
+
+
 @contextlib.contextmanager
 def math_attention() -> Iterator[None]:
     """Route attention through kernels that support double backward and forward-mode AD.
@@ -212,6 +240,11 @@ class Objective:
         self.mode = mode
         self.dtype = dtype
         self.batches = _as_micro_batches(batch)
+        device = _model_device(model)
+        if device is not None:  # a probe batch on the CPU for a model on a GPU: moved there once
+            moved = [_to_device(b, device) for b in self.batches]
+            if any(a is not b for a, b in zip(moved, self.batches)):
+                self.batches = MicroBatches(moved, weights=self.batches.weights)
         self._wrapper = _LossModule(model, loss_fn)
         self.names: tuple[str, ...] = self._select(include)
         if not self.names:

@@ -249,7 +249,8 @@ class Probe:
         model: the model being trained.
         loss_fn: ``loss_fn(model, batch) -> scalar`` evaluated on ``probe_batch``.
         probe_batch: a fixed batch (or list of micro-batches) every measurement uses (seed 002 B.3
-            uses 1,024 samples fixed at the start).
+            uses 1,024 samples fixed at the start). Its tensors are moved to the model's device if they
+            are elsewhere (a CPU batch for a model on a GPU), once.
         out: the run folder. An existing run with the same settings is resumed (appended to); one
             with different settings is refused.
         every: measure every this many optimizer steps (the first step is measured too).
