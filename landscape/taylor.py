@@ -34,9 +34,10 @@ buffers are recorded as constants.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -967,6 +968,15 @@ def _fit(out: Any, primal: Any) -> Any:
     return out
 
 
+def _primal_value(env: Mapping[Node, Any], a: Any) -> Any:
+    """A rule's argument ``a`` with its nodes replaced by their primal values."""
+    if isinstance(a, Node):
+        return env[a]
+    if isinstance(a, (list, tuple)):
+        return type(a)(_primal_value(env, b) for b in a)
+    return a
+
+
 class Primal:
     """The intermediate values of one traced evaluation; :meth:`along` sweeps directions through them."""
 
@@ -986,13 +996,10 @@ class Primal:
         for ph, v in zip(g.placeholders[: g.n_measured], direction):
             tan[ph] = (v, None)
         none = (None, None)
-
-        def P(a: Any) -> Any:
-            if isinstance(a, Node):
-                return env0[a]
-            if isinstance(a, (list, tuple)):
-                return type(a)(P(b) for b in a)
-            return a
+        # not a recursive closure: a function in its own closure is a reference cycle, which would keep
+        # env0 (every intermediate value of a forward pass) alive after this Primal until the garbage
+        # collector runs: one forward's activations per δ-shifted point, piling up chunk after chunk
+        P = functools.partial(_primal_value, env0)
 
         def C(a: Any) -> Pair:
             return tan.get(a, none) if isinstance(a, Node) else none
