@@ -132,7 +132,7 @@ class _NoRecipes:
     def __init__(self) -> None:
         self.step = 0
 
-    def observe(self, grads: Mapping[str, Tensor]) -> None:
+    def observe(self, grads: Mapping[str, Tensor], *, background: bool = False) -> None:
         self.step += 1
 
     def directions(self, names: Iterable[str] | None = None) -> dict[str, dict[str, Tensor]]:
@@ -289,6 +289,11 @@ class Probe:
             optimizer); pass it for an optimizer that keeps none (plain SGD). Steps are then numbered as
             the optimizer's, the first one seen is measured, and the recipes' states start from zero
             there. Ignored when ``out`` holds a run to resume.
+        background: update the recipe states on a side thread, overlapping the next forward and
+            backward pass: the gradients are copied and checked in the step hook, the states updated
+            while training goes on (the probe waits for them before it measures or saves, so every
+            number is the same, bit for bit). Helps where training leaves a CPU core idle (on a GPU the
+            kernels still queue on the training stream). Off under torch.distributed.
 
     Under torch.distributed (``torchrun``; DDP or FSDP2) create and attach the probe on every rank with
     the same arguments: the recipes are divided among the ranks and rank 0 alone writes ``out`` (see
@@ -328,6 +333,7 @@ class Probe:
         progress: bool | Any = False,
         sinks: Iterable[Any] | None = None,
         start_step: int | None = None,
+        background: bool = False,
     ) -> None:
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
@@ -373,6 +379,8 @@ class Probe:
         self._handle: ProbeHandle | None = None
         self.step = 0  # optimizer steps seen (the number of the step in progress while it runs)
         self._start_step = start_step
+        # the recipe states updated on a side thread while training goes on (one process only)
+        self._background = bool(background) and self._group is None
         self._first_step = 1  # the first step this probe records (after the steps a mid-run attach skipped)
         self._pending: dict[str, Any] | None = None
         self._pending_loss: float | None = None
@@ -886,9 +894,14 @@ class Probe:
             x_t = self._snapshot()
         row = {"step": self.step, "loss": self._pending_loss, "lr": self._lr(), "status": "ok", "reason": None}
         self._pending_loss = None
+        due = self._is_due(self.step)
+        keep = self._keep(self.step)
         try:
-            gnorm = float(tree.norm(g))
-            self._pseudo.observe(g)
+            self._pseudo.observe(g, background=self._background and not (due or keep))
+            # the norm observe's finiteness check computed on its packed copy of g (one pass fewer)
+            gnorm = getattr(self._pseudo, "grad_norm", None)
+            if gnorm is None:
+                gnorm = float(tree.norm(g))
         except ValueError as e:
             row.update(status="skipped", reason=str(e).splitlines()[0], grad_norm=float("nan"))
             self._record_step(row)
@@ -897,8 +910,6 @@ class Probe:
             self.timings["tracking"] += time.perf_counter() - t0
             return
         row["grad_norm"] = gnorm
-        due = self._is_due(self.step)
-        keep = self._keep(self.step)
         if x_t is None and (due or keep):
             x_t = self._snapshot()
         self._pending = {"row": row, "x_t": x_t, "due": due, "keep": keep}
@@ -1316,6 +1327,8 @@ class Probe:
             self._handle = None
         if self._store is not None:
             if self.disabled is None:
+                if self._pseudo is not None:  # a background update: finished (or its failure reported)
+                    self._guarded(self._pseudo.wait, stage="tracking")
                 self._guarded(self._commit, {})
             if self.disabled is not None and self._group is not None and not self._left:
                 self._announce()  # the others meet this rank in close's commit (or a pending measurement)

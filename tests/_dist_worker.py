@@ -162,7 +162,7 @@ def scenario_ddp(folder: Path, rank: int, world: int) -> dict:
         warnings.simplefilter("always")
         for i, (x, y) in enumerate(batches):
             if rank == 1 and i == 3:
-                probe5._pseudo.observe = lambda g: (_ for _ in ()).throw(RuntimeError("injected recipe failure"))
+                probe5._pseudo.observe = lambda g, **kw: (_ for _ in ()).throw(RuntimeError("injected recipe failure"))
             loss_fn(model5, (x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4])).backward()
             opt5.step()
             opt5.zero_grad()

@@ -3,7 +3,9 @@ App. B.3), with each distinct state computed and stored once."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -191,6 +193,10 @@ class PseudoUpdates:
         self._opaque_state = {n: tx.init(like) for n, tx in self._opaque.items()}
         self._opaque_last: dict[str, Tree | None] = dict.fromkeys(self._opaque)
         self._step = 0
+        self._pending: Future | None = None  # observe(background=True): the update still running
+        # ‖g‖ of the last observed gradient (float64 accumulation), when the packed layout computed it
+        self.grad_norm: float | None = None
+        self._worker: ThreadPoolExecutor | None = None
 
     # construction ------------------------------------------------------------------------------------
     @staticmethod
@@ -229,6 +235,7 @@ class PseudoUpdates:
     @property
     def step(self) -> int:
         """How many gradients have been observed."""
+        self.wait()
         return self._step
 
     @property
@@ -329,11 +336,15 @@ class PseudoUpdates:
             self._spare = buf
 
     def _check_finite(self, grads: Mapping[str, Tensor], packed: Tensor | None = None) -> None:
-        """Raise if any gradient holds a NaN or an infinity. With the packed buffer, one ``sum`` decides
-        (NaN and ±inf propagate into it); only a non-finite sum, NaN/inf or a mere overflow of finite
-        values, pays for the per-tensor check that names the culprits."""
-        if packed is not None and bool(torch.isfinite(packed.sum())):
-            return
+        """Raise if any gradient holds a NaN or an infinity. With the packed buffer, one float64-accumulated
+        norm decides (NaN and ±inf propagate into it; finite values cannot overflow float64) and is kept
+        as :attr:`grad_norm`; only a non-finite one pays for the per-tensor check that names the culprits."""
+        self.grad_norm = None
+        if packed is not None:
+            norm = float(torch.linalg.vector_norm(packed, dtype=torch.float64))
+            if math.isfinite(norm):
+                self.grad_norm = norm
+                return
         if packed is None and is_finite_all([grads[n] for n in self._params]):
             return
         bad = [n for n in self._params if not bool(torch.isfinite(grads[n]).all())]
@@ -344,16 +355,22 @@ class PseudoUpdates:
             )
 
     @torch.no_grad()
-    def observe(self, grads: Mapping[str, Tensor]) -> None:
+    def observe(self, grads: Mapping[str, Tensor], *, background: bool = False) -> None:
         """Feed the gradients of one training step to every recipe.
 
         Args:
             grads: ``{name: gradient}`` with exactly the parameters' names and shapes. Not modified.
+            background: copy and check the gradients now, then update the states on a side thread
+                while the caller goes on (the training loop's next forward and backward). Every other
+                method waits for that update first, so the results are the same, bit for bit. Only for
+                the packed layout without custom transforms; elsewhere the update runs at once.
 
         Raises:
             KeyError: missing or unexpected names. ValueError: a wrong shape, a ``None`` gradient, or
-            a NaN/inf anywhere (then no state changes).
+            a NaN/inf anywhere (then no state changes). A failure of a background update is raised by
+            the next call that waits for it.
         """
+        self.wait()
         self._check_grads(grads)
         t = self._step + 1
         raw: Tree
@@ -371,6 +388,24 @@ class PseudoUpdates:
                 n: grads[n].detach().to(device=dev or grads[n].device, dtype=compute_dtype(grads[n].dtype))
                 for n in self._params
             }
+        if background and self._layout is not None and not self._opaque:
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="landscape-states")
+            self._pending = self._worker.submit(self._update, raw, t)
+            return
+        self._update(raw, t)
+
+    def wait(self) -> None:
+        """Wait for a background :meth:`observe` to finish (re-raising its failure, if it failed)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                pending.result()
+            except Exception as e:
+                raise RuntimeError(f"the background update of the recipe states failed: {type(e).__name__}: {e}") from e
+
+    @torch.no_grad()
+    def _update(self, raw: Any, t: int) -> None:
         # opaque (user) transforms first: they are pure, so a failure there changes nothing
         new_opaque = {}
         for name, tx in self._opaque.items():
@@ -411,6 +446,7 @@ class PseudoUpdates:
         Args:
             names: a subset of :attr:`names` (default: all).
         """
+        self.wait()
         if self._step == 0:
             raise RuntimeError(
                 "no gradients observed yet: call .observe(grads) after a backward pass before .directions()"
@@ -470,6 +506,7 @@ class PseudoUpdates:
             KeyError: an unknown recipe. ValueError: a recipe without an Adam second moment
             (``scale_by_adam`` in its chain), or no gradient observed yet.
         """
+        self.wait()
         from landscape.optim._atoms import ScaleByAdam
 
         if name not in self._txs:
@@ -502,6 +539,7 @@ class PseudoUpdates:
     def state_report(self) -> list[dict[str, Any]]:
         """Every distinct stored state: ``key`` (what it computes), ``bytes`` and ``used_by``
         (the recipes that read it)."""
+        self.wait()
         rows = []
         for mkey, tree in self._moments.items():
             users = [n for n in self._program.users.get(mkey, [])]
@@ -526,6 +564,7 @@ class PseudoUpdates:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: step, every distinct state (copies), the last gradient, custom
         transforms' states and the rounding generators."""
+        self.wait()
         return {
             "step": self._step,
             "recipes": {n: repr(tx) for n, tx in self._txs.items()},
@@ -539,6 +578,7 @@ class PseudoUpdates:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output into a ``PseudoUpdates`` built with the same parameters
         and recipes (the storage dtype may differ)."""
+        self.wait()
         mine, theirs = set(self._moments), set(state["moments"])
         if mine != theirs:
             raise ValueError(
