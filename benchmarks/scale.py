@@ -10,8 +10,12 @@ batch of 4 × 128 random tokens. Every configuration runs in a fresh subprocess,
   distinct recipe states + 3 with float32 states, half the states + 3 with bfloat16 states;
 * per-step tracking time as a fraction of a training step (forward + backward + AdamW, without the
   probe's share), medians over interleaved steps: each step's tracking is timed inside that step;
-* the same for the levers: ``state_dtype=torch.bfloat16``, ``recipes=`` (a few recipes) and
-  ``include=`` (measured parameters only: no effect on tracking, it is a measurement lever);
+* the wall-clock overhead: whole steps with the probe on against steps with its hooks bypassed, in
+  alternating blocks of steps in the same process (what a background update costs the training it
+  overlaps, which the hook's own timing cannot see);
+* the same for the levers: ``state_dtype=torch.bfloat16``, ``recipes=`` (a few recipes),
+  ``background=True`` (the states updated on a side thread) and ``include=`` (measured parameters
+  only: no effect on tracking, it is a measurement lever);
 * with ``--measure``: one full measurement (the probe's first step) in a subprocess watched for
   memory (killed above ``--max-rss-gib``), its peak RSS and its time in training steps.
 
@@ -36,14 +40,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 
-CONFIGS = {  # name: Probe keyword arguments (None: plain training)
+CONFIGS = {  # name: Probe keyword arguments (None: plain training); background spelled out (its default depends on the threads)
     "plain": None,
-    "probe fp32": {},
-    "probe bf16": {"state_dtype": "bfloat16"},
-    "probe recipes=4": {"recipes": ["sgd", "adam", "signsgd", "lion"]},
-    "probe recipes=4 bf16": {"recipes": ["sgd", "adam", "signsgd", "lion"], "state_dtype": "bfloat16"},
-    "probe include=attn": {"include": "attn"},
-    "probe state_device=cpu": {"state_device": "cpu"},
+    "probe fp32": {"background": False},
+    "probe bf16": {"state_dtype": "bfloat16", "background": False},
+    "probe recipes=4": {"recipes": ["sgd", "adam", "signsgd", "lion"], "background": False},
+    "probe recipes=4 bf16": {"recipes": ["sgd", "adam", "signsgd", "lion"], "state_dtype": "bfloat16", "background": False},
+    "probe include=attn": {"include": "attn", "background": False},
+    "probe state_device=cpu": {"state_device": "cpu", "background": False},
     "probe fp32 background": {"background": True},
     "probe bf16 background": {"state_dtype": "bfloat16", "background": True},
 }

@@ -292,8 +292,10 @@ class Probe:
         background: update the recipe states on a side thread, overlapping the next forward and
             backward pass: the gradients are copied and checked in the step hook, the states updated
             while training goes on (the probe waits for them before it measures or saves, so every
-            number is the same, bit for bit). Helps where training leaves a CPU core idle (on a GPU the
-            kernels still queue on the training stream). Off under torch.distributed.
+            number is the same, bit for bit). It helps where training leaves a CPU core idle. Default
+            (``None``): on when the trained parameters are on the CPU, the states too, and torch uses
+            fewer threads than the process has cores; off on a GPU (the kernels would still queue on
+            the training stream) and under torch.distributed.
 
     Under torch.distributed (``torchrun``; DDP or FSDP2) create and attach the probe on every rank with
     the same arguments: the recipes are divided among the ranks and rank 0 alone writes ``out`` (see
@@ -333,7 +335,7 @@ class Probe:
         progress: bool | Any = False,
         sinks: Iterable[Any] | None = None,
         start_step: int | None = None,
-        background: bool = False,
+        background: bool | None = None,
     ) -> None:
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
@@ -379,8 +381,9 @@ class Probe:
         self._handle: ProbeHandle | None = None
         self.step = 0  # optimizer steps seen (the number of the step in progress while it runs)
         self._start_step = start_step
-        # the recipe states updated on a side thread while training goes on (one process only)
-        self._background = bool(background) and self._group is None
+        # the recipe states updated on a side thread while training goes on (one process only); None:
+        # decided when the run opens (_auto_background)
+        self._background: bool | None = None if background is None else bool(background) and self._group is None
         self._first_step = 1  # the first step this probe records (after the steps a mid-run attach skipped)
         self._pending: dict[str, Any] | None = None
         self._pending_loss: float | None = None
@@ -427,8 +430,22 @@ class Probe:
             raise ValueError("the optimizer trains none of the model's parameters")
         return {n: chosen[n] for n in named if n in chosen}
 
+    def _auto_background(self, params: Mapping[str, Tensor]) -> bool:
+        """``background=None``: a side thread for the states where it can run beside training."""
+        if self._group is not None or self._state_device is not None:
+            return False
+        if any(p.device.type != "cpu" for p in params.values()):
+            return False
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+        return torch.get_num_threads() < cores
+
     def _open(self, optimizer: torch.optim.Optimizer | None) -> None:
         params = self._trained_params(optimizer)
+        if self._background is None:
+            self._background = self._auto_background(params)
         self._names = list(params)
         missing = [n for n in self.objective.names if n not in params]
         if missing:
@@ -468,6 +485,7 @@ class Probe:
             "versions": {"landscape": __version__, "torch": torch.__version__, "python": platform.python_version()},
             "mode": self.objective.mode,
             "command": " ".join(sys.argv),
+            "tracking": {"background": bool(self._background)},
             **self._extra_meta,
         }
         if self._group is not None:
@@ -897,7 +915,7 @@ class Probe:
         due = self._is_due(self.step)
         keep = self._keep(self.step)
         try:
-            self._pseudo.observe(g, background=self._background and not (due or keep))
+            self._pseudo.observe(g, background=bool(self._background) and not (due or keep))
             # the norm observe's finiteness check computed on its packed copy of g (one pass fewer)
             gnorm = getattr(self._pseudo, "grad_norm", None)
             if gnorm is None:

@@ -86,6 +86,22 @@ def _tensor_bytes(obj: Any) -> int:
     return 0
 
 
+def _flat_norm(buf: Tensor, block: int = 1 << 16) -> float:
+    """``‖buf‖₂`` of a flat buffer: in the buffer's dtype over blocks of ``block`` coordinates (each
+    a cascade sum, relative error ~1e-7), the blocks' norms combined in float64. Asking ``vector_norm``
+    for float64 accumulation instead converts every element first: 0.6 s more per GPT-2 small step on a
+    CPU, a quarter of the whole update. NaN and ±inf propagate (so does an overflow of float32 squares,
+    above 1.8e19, which the caller then checks per tensor)."""
+    n = buf.numel()
+    k = n // block
+    parts = []
+    if k:
+        parts.append(torch.linalg.vector_norm(buf[: k * block].view(k, block), dim=1).double())
+    if n > k * block:
+        parts.append(torch.linalg.vector_norm(buf[k * block:]).double().reshape(1))
+    return float(torch.linalg.vector_norm(torch.cat(parts))) if parts else 0.0
+
+
 class PseudoUpdates:
     """Run many optimizers' states on the gradients of one real training run, and give each one's
     current update direction (seed 002 App. B.3, "pseudo-update steps").
@@ -341,7 +357,7 @@ class PseudoUpdates:
         as :attr:`grad_norm`; only a non-finite one pays for the per-tensor check that names the culprits."""
         self.grad_norm = None
         if packed is not None:
-            norm = float(torch.linalg.vector_norm(packed, dtype=torch.float64))
+            norm = _flat_norm(packed)
             if math.isfinite(norm):
                 self.grad_norm = norm
                 return

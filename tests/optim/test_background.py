@@ -125,3 +125,53 @@ def test_a_probe_with_background_tracking_writes_the_same_store_and_leaves_train
     for k, tree in states[0]["moments"].items():
         for n, v in tree.items():
             assert torch.equal(v, states[1]["moments"][k][n]), (k, n)
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 1 << 16, 3 * (1 << 16) + 17, 2_000_003])
+def test_the_packed_gradient_norm_matches_float64_and_propagates_nan_and_inf(n):
+    from landscape.optim.pseudo import _flat_norm
+
+    gen = torch.Generator().manual_seed(n)
+    buf = torch.randn(n, generator=gen) * torch.logspace(-6, 2, max(n, 1))[:n]  # a wide range of magnitudes
+    ref = float(buf.double().norm()) if n else 0.0
+    assert _flat_norm(buf) == pytest.approx(ref, rel=1e-6, abs=0)
+    if n:
+        for bad in (float("nan"), float("inf")):
+            b = buf.clone()
+            b[n // 2] = bad
+            assert not (_flat_norm(b) < float("inf"))
+
+
+def test_observe_keeps_the_gradient_norm_for_the_step_row():
+    params = _params()
+    pu = PseudoUpdates(params, ["sgd"])
+    g = _grads(params, 1)[0]
+    pu.observe(g)
+    ref = float(torch.cat([t.reshape(-1).double() for t in g.values()]).norm())
+    assert pu.grad_norm == pytest.approx(ref, rel=1e-6)
+
+
+def test_background_is_on_by_default_only_where_a_cpu_core_is_left_idle(tmp_path, monkeypatch):
+    import os
+
+    from landscape.models import lm_loss
+    from landscape.probe import Probe
+    from landscape.store import load_run
+    from tests.test_probe import FAST, make
+
+    def chosen(threads, cores, **kw):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+        model, pb, _ = make()
+        out = tmp_path / f"{threads}-{cores}-{len(kw)}"
+        probe = Probe(model, lm_loss, pb, out=out, recipes=["sgd"], settings=FAST, **kw)
+        probe.attach(torch.optim.Adam(model.parameters()))
+        probe.close()
+        assert load_run(out).meta["tracking"] == {"background": probe._background}
+        return probe._background
+
+    assert chosen(1, 2) is True  # OMP_NUM_THREADS=1 on two cores: the other core is free
+    assert chosen(2, 2) is False  # every core trains: a side thread would only compete
+    assert chosen(1, 2, background=False) is False
+    assert chosen(2, 2, background=True) is True
+    assert chosen(1, 2, state_device="cpu") is False  # the host path of a GPU run: not automatic
