@@ -101,6 +101,25 @@ def save_point(
         "directions": {str(n): {k: v.detach().to("cpu") for k, v in d.items()} for n, d in (directions or {}).items()},
         "meta": dict(meta or {}),
     }
+    _atomic_torch_save(payload, path)
+    try:  # make the rename itself durable (POSIX; harmless where directories cannot be opened)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    return path
+
+
+def part_path(run: str | Path, step: int, rank: int) -> Path:
+    """The file holding rank ``rank``'s directions of the point of ``step`` (torch.distributed: each rank
+    saves the directions of the recipes it holds; rank 0's :func:`point_path` file names the parts)."""
+    return Path(run) / POINTS_DIR / f"step_{int(step):08d}.rank{int(rank)}.pt"
+
+
+def _atomic_torch_save(payload: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -111,14 +130,15 @@ def save_point(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    try:  # make the rename itself durable (POSIX; harmless where directories cannot be opened)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+
+
+def save_point_part(run: str | Path, step: int, rank: int, directions: Mapping[str, Mapping[str, Tensor]]) -> Path:
+    """Write rank ``rank``'s directions of the point of ``step`` (crash-safely, like :func:`save_point`)."""
+    path = part_path(run, step, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"step": int(step), "rank": int(rank),
+               "directions": {str(n): {k: v.detach().to("cpu") for k, v in d.items()} for n, d in directions.items()}}
+    _atomic_torch_save(payload, path)
     return path
 
 
@@ -144,6 +164,19 @@ def load_point(run: str | Path, step: int) -> SavedPoint:
                 "this run saved no points (create the probe with save_points=[...] to keep some)")
         raise FileNotFoundError(f"step {step} has no saved point in {Path(run) / POINTS_DIR}; {hint}")
     obj = torch.load(path, map_location="cpu", weights_only=True)
-    return SavedPoint(step=int(obj["step"]), state_dict=dict(obj["state_dict"]),
-                      directions={n: dict(d) for n, d in obj.get("directions", {}).items()},
-                      meta=dict(obj.get("meta", {})), path=path)
+    directions = {n: dict(d) for n, d in obj.get("directions", {}).items()}
+    meta = dict(obj.get("meta", {}))
+    for rank in meta.get("part_ranks", []):  # saved under torch.distributed: the other ranks' directions
+        part = part_path(run, step, rank)
+        if not part.is_file():
+            raise FileNotFoundError(
+                f"the point of step {step} in {Path(run) / POINTS_DIR} is incomplete: rank {rank}'s directions "
+                f"({part.name}) are missing (still being written, or that rank stopped before writing them)")
+        got = torch.load(part, map_location="cpu", weights_only=True)
+        directions.update({n: dict(d) for n, d in got["directions"].items()})
+    order = meta.get("direction_order")
+    if order:
+        directions = {n: directions[n] for n in order if n in directions} | {
+            n: d for n, d in directions.items() if n not in order}
+    return SavedPoint(step=int(obj["step"]), state_dict=dict(obj["state_dict"]), directions=directions, meta=meta,
+                      path=path)

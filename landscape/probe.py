@@ -349,9 +349,9 @@ class Probe:
             # FSDP2 (fully_shard): measured on a plain replica with the full parameters (landscape.distributed)
             self._fsdp = model
             model = plain_replica(model)
-        if self._group is not None and save_points is not None:
-            raise ValueError("save_points is not available under torch.distributed yet (each rank holds only its "
-                             "own recipes' directions); save points in a one-process run")
+        if self._fsdp is not None and save_points is not None:
+            raise ValueError("save_points is not available with FSDP2 (fully_shard) yet: save points in a DDP or "
+                             "one-process run")
         if self._group is not None and self._group.rank != 0:
             progress = False  # rank 0 speaks for the job
         self._keep = _keep_rule(save_points)
@@ -1283,23 +1283,38 @@ class Probe:
 
     def _keep_point(self, step: int, x_t: dict[str, Tensor]) -> None:
         """Save ``x_t`` (and the directions there) to ``out/points/`` (save_points=)."""
-        from landscape.points import save_point, state_at
+        from landscape.points import save_point, save_point_part, state_at
 
         assert self._pseudo is not None and self._store is not None
+        g = self._group
+        lead = g is None or g.rank == 0  # under DDP each rank saves its own recipes' directions, rank 0 the rest
         dirs: dict[str, dict[str, Tensor]] = {}
         if self._keep_directions is not False:
             # Only the recipes kept are computed (the file holds them all at once).
-            wanted = list(self._pseudo.names) if self._keep_directions is True else list(self._keep_directions)
+            wanted = list(self.recipes) if self._keep_directions is True else list(self._keep_directions)
             dirs = self._pseudo.directions([n for n in wanted if n in self._pseudo.names])
+            if g is not None and g.rank != 0:
+                try:
+                    save_point_part(self.out, step, g.rank, dirs)
+                except OSError as e:
+                    warnings.warn(f"landscape probe: could not save rank {g.rank}'s directions of step {step}: {e}",
+                                  stacklevel=3)
+                return
             if self._keep_directions is True or self.trained_name in wanted:
                 real = tree.sub(x_t, self._snapshot())
                 if float(tree.norm(real)) > 0:
                     dirs[self.trained_name] = real
-            if self._keep_directions is not True:
+            if self._keep_directions is not True and g is None:
                 dirs = {n: dirs[n] for n in self._keep_directions if n in dirs}
+        elif not lead:
+            return
+        meta: dict[str, Any] = {"trained_direction": self.trained_name, "measured": list(self.objective.names)}
+        if g is not None and self._keep_directions is not False:
+            order = (list(self.recipes) + [self.trained_name] if self._keep_directions is True
+                     else list(self._keep_directions))
+            meta.update(part_ranks=[r for r in range(1, g.world) if self._shards[r]], direction_order=order)
         try:
-            path = save_point(self.out, step, state_at(self.model, x_t), dirs,
-                              meta={"trained_direction": self.trained_name, "measured": list(self.objective.names)})
+            path = save_point(self.out, step, state_at(self.model, x_t), dirs, meta=meta)
         except OSError as e:
             self._store.log_event(step, "warning", f"could not save the point of step {step}: {e}")
             warnings.warn(f"landscape probe: could not save the point of step {step}: {e}", stacklevel=3)

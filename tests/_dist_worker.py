@@ -152,6 +152,9 @@ def scenario_ddp(folder: Path, rank: int, world: int) -> dict:
     opt9 = torch.optim.AdamW(model9.parameters(), lr=0.05)
     train(model9, None, rank, world, steps=2, opt=opt9)
     train(model9, folder / "midrun", rank, world, probe_model=model9, opt=opt9, start=2)
+    # 10. save_points under DDP: each rank saves its own recipes' directions, rank 0 the point's state
+    model10 = DDP(make_model())
+    train(model10, folder / "points", rank, world, probe_model=model10, save_points=[2, 4])
     # 5. the recipes of rank 1 fail on a gradient at step 3: both probes switch off, training goes on
     model5 = DDP(make_model())
     opt5 = torch.optim.AdamW(model5.parameters(), lr=0.05)

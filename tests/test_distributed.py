@@ -288,6 +288,31 @@ def test_a_two_rank_probe_attached_mid_run_equals_a_one_process_one(ddp):
             assert _rel(a["sharpness"], b["sharpness"]) < tol, (step, a["direction"])
 
 
+def test_points_saved_by_two_ranks_load_as_one_process_points(ddp):
+    from landscape.points import load_point, part_path, saved_steps
+
+    folder, _, worker = ddp
+    worker.train(worker.make_model(), folder / "ref-points", save_points=[2, 4])
+    assert saved_steps(folder / "points") == saved_steps(folder / "ref-points") == [2, 4]
+    for step in (2, 4):
+        one, two = load_point(folder / "ref-points", step), load_point(folder / "points", step)
+        assert part_path(folder / "points", step, 1).is_file()  # rank 1's recipes, in their own file
+        assert list(two.directions) == list(one.directions)  # every recipe and the trained step, in order
+        assert two.state_dict.keys() == one.state_dict.keys()
+        for k, v in one.state_dict.items():
+            torch.testing.assert_close(two.state_dict[k], v, rtol=1e-5, atol=1e-7)
+        for name, u in one.directions.items():
+            a = torch.cat([t.reshape(-1).double() for t in two.directions[name].values()])
+            b = torch.cat([t.reshape(-1).double() for t in u.values()])
+            tol = LATER_RTOL_CLIPPED if _clipped(name) or name.startswith(("lion", "signsgd")) else LATER_RTOL_UNCLIPPED
+            assert float((a - b).norm() / b.norm()) < tol, (step, name, float((a - b).norm() / b.norm()))
+    # a missing part is named, not silently dropped
+    part_path(folder / "points", 2, 1).rename(folder / "moved.pt")
+    with pytest.raises(FileNotFoundError, match="rank 1's directions"):
+        load_point(folder / "points", 2)
+    (folder / "moved.pt").rename(part_path(folder / "points", 2, 1))
+
+
 def test_a_rank_whose_probe_switches_off_switches_every_rank_off_without_hanging(ddp):
     folder, results, _ = ddp
     for r in results:
