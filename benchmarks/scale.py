@@ -115,8 +115,15 @@ def child(args) -> dict:
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     kw = CONFIGS[args.child]
-    if args.measure_child:
-        kw = {}
+    counted: list[dict] = []
+    if args.measure_child:  # the configuration that fits this machine: bfloat16 states, one direction at a time
+        sys.path.insert(0, str(HERE.parent))
+        from measure_cost import counting_measure
+
+        import landscape.probe as probe_module
+
+        kw = {"state_dtype": args.measure_dtype, "settings": ls.MeasureSettings(chunk=args.measure_chunk)}
+        probe_module.measure_step = counting_measure(counted, None, 0, False)
     probe = None
     out = tempfile.mkdtemp(prefix="landscape-scale-")
     cuda = device.startswith("cuda")
@@ -125,8 +132,10 @@ def child(args) -> dict:
         opt.register_step_pre_hook(lambda o, a, k: torch.cuda.synchronize())
     if kw is not None:
         kw = dict(kw)
-        if "state_dtype" in kw:
+        if kw.get("state_dtype") not in (None, "float32"):
             kw["state_dtype"] = getattr(torch, kw["state_dtype"])
+        else:
+            kw.pop("state_dtype", None)
         if "include" in kw:
             kw["include"] = _include(kw["include"])
         probe = ls.Probe(model, gpt2_loss, probe_batch, out=out, every=10**9, save_state=False, **kw)
@@ -176,6 +185,9 @@ def child(args) -> dict:
         measured = probe.timings["measurement"]
         train, _ = step()  # step 2: not measured; its time (without tracking) is the unit
         res.update(measure_s=measured, step_s=train, error=probe.last_error, peak_rss=peak_rss_bytes())
+        if counted:
+            cost = counted[0]["cost"]
+            res.update(passes=cost.total, phases=dict(cost.phases), directions=counted[0]["directions"])
         probe.close()
         return res
     train_t, track_t, obs_t = [], [], []
@@ -233,7 +245,7 @@ def run_child(name: str, args, measure: bool = False) -> dict:
     if args.small:
         cmd.append("--small")
     if measure:
-        cmd.append("--measure-child")
+        cmd += ["--measure-child", "--measure-dtype", args.measure_dtype, "--measure-chunk", str(args.measure_chunk)]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(args.threads))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -325,6 +337,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--timeout", type=float, default=900.0, help="kill a configuration after this many seconds")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--measure-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--measure-dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                    help="recipe-state dtype of the --measure run")
+    ap.add_argument("--measure-chunk", type=int, default=1, help="MeasureSettings.chunk of the --measure run")
     args = ap.parse_args(argv)
     if args.child is not None:
         print(json.dumps(child(args)))
@@ -353,7 +368,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  ran {name:<24} in {time.time() - t:6.1f} s: {status}", flush=True)
     base = print_table(results, gpu=args.device.startswith("cuda"))
     if args.measure:
-        print("\none full measurement (all recipes, default MeasureSettings), its own process:", flush=True)
+        print(f"\none full measurement (all recipes, {args.measure_dtype} states, MeasureSettings(chunk="
+              f"{args.measure_chunk})), its own process:", flush=True)
         r = run_child("probe fp32", args, measure=True)
         pb = next((x["param_bytes"] for x in results.values() if "param_bytes" in x), 1)
         if "killed" in r:
@@ -366,6 +382,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  peak RSS {gib(r['peak_rss'])} ({extra:.2f}x parameter bytes above plain training); "
                   f"{r['measure_s']:.1f} s = {r['measure_s'] / r['step_s']:.1f} training steps"
                   + (f"; error: {r['error']}" if r.get("error") else ""))
+            if "passes" in r:
+                phases = ", ".join(f"{k} {v:.1f}" for k, v in r["phases"].items() if v)
+                print(f"  {r['directions']} directions in {r['passes']:.1f} forward+backward passes of the probe batch "
+                      f"(target <= 60): {phases}")
 
 
 if __name__ == "__main__":

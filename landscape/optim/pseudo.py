@@ -210,7 +210,7 @@ class PseudoUpdates:
         self._opaque_last: dict[str, Tree | None] = dict.fromkeys(self._opaque)
         self._step = 0
         self._pending: Future | None = None  # observe(background=True): the update still running
-        # ‖g‖ of the last observed gradient (float64 accumulation), when the packed layout computed it
+        # ‖g‖ of the last observed gradient, when the packed layout's finiteness check computed it
         self.grad_norm: float | None = None
         self._worker: ThreadPoolExecutor | None = None
 
@@ -352,9 +352,10 @@ class PseudoUpdates:
             self._spare = buf
 
     def _check_finite(self, grads: Mapping[str, Tensor], packed: Tensor | None = None) -> None:
-        """Raise if any gradient holds a NaN or an infinity. With the packed buffer, one float64-accumulated
-        norm decides (NaN and ±inf propagate into it; finite values cannot overflow float64) and is kept
-        as :attr:`grad_norm`; only a non-finite one pays for the per-tensor check that names the culprits."""
+        """Raise if any gradient holds a NaN or an infinity. With the packed buffer, one norm decides
+        (:func:`_flat_norm`: NaN and ±inf propagate into it) and is kept as :attr:`grad_norm`; only a
+        non-finite one, NaN/inf or a mere overflow of float32 squares, pays for the per-tensor check that
+        names the culprits."""
         self.grad_norm = None
         if packed is not None:
             norm = _flat_norm(packed)
