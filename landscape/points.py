@@ -101,15 +101,7 @@ def save_point(
         "directions": {str(n): {k: v.detach().to("cpu") for k, v in d.items()} for n, d in (directions or {}).items()},
         "meta": dict(meta or {}),
     }
-    _atomic_torch_save(payload, path)
-    try:  # make the rename itself durable (POSIX; harmless where directories cannot be opened)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    atomic_save(payload, path)
     return path
 
 
@@ -119,17 +111,27 @@ def part_path(run: str | Path, step: int, rank: int) -> Path:
     return Path(run) / POINTS_DIR / f"step_{int(step):08d}.rank{int(rank)}.pt"
 
 
-def _atomic_torch_save(payload: Any, path: Path) -> None:
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` crash-safely: a temporary file beside it, flushed to disk, renamed
+    over ``path``, and the rename made durable (POSIX; harmless where directories cannot be opened)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(payload, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def save_point_part(run: str | Path, step: int, rank: int, directions: Mapping[str, Mapping[str, Tensor]]) -> Path:
@@ -138,7 +140,7 @@ def save_point_part(run: str | Path, step: int, rank: int, directions: Mapping[s
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"step": int(step), "rank": int(rank),
                "directions": {str(n): {k: v.detach().to("cpu") for k, v in d.items()} for n, d in directions.items()}}
-    _atomic_torch_save(payload, path)
+    atomic_save(payload, path)
     return path
 
 

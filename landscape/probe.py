@@ -58,6 +58,7 @@ from landscape.distributed import (
 from landscape.measure import MeasureSettings, measure_step
 from landscape.objective import Include, Objective
 from landscape.optim import PseudoUpdates, recipe_names
+from landscape.points import atomic_save
 from landscape.sinks import SinkSet
 from landscape.store import RunMismatchError, RunStore, load_run
 
@@ -146,24 +147,6 @@ class _NoRecipes:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.step = int(state["step"])
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path`` through a temporary file, flushed to disk before the rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:  # the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def saved_state(out: str | Path) -> dict[str, Any] | None:
@@ -1172,7 +1155,7 @@ class Probe:
             name = _state_file_name(self.step, g.rank, g.world)
             try:
                 self.out.mkdir(parents=True, exist_ok=True)  # on a node without rank 0's file system
-                _atomic_save(self._shard_state(), self.out / name)
+                atomic_save(self._shard_state(), self.out / name)
             except Exception as e:  # noqa: BLE001 - told to every rank below
                 err = _text(e)
         events = self._store.take_events() if isinstance(self._store, _NullStore) else []
@@ -1223,7 +1206,7 @@ class Probe:
         name = None
         if self.save_state and self._pseudo is not None and self._pseudo.step:
             name = _state_file_name(self.step)
-            _atomic_save(self.state_dict(), self.out / name)
+            atomic_save(self.state_dict(), self.out / name)
         rows = dict(rows)
         engine = rows.pop("_engine", [None])[0]
         with self._store.transaction():
