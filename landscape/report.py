@@ -337,6 +337,10 @@ def _metadata(run: Run) -> list[tuple[str, str]]:
             out.append(("training steps", f"{last - first} covered (steps {first}–{last}), "
                                           f"{len(status)} checkpoint{'s' * (len(status) != 1)}{note}"))
         else:
+            if meta.get("start_step"):  # a probe attached to a run in progress
+                steps = cols["step"]
+                note += (f" (steps {int(steps.min())}–{int(steps.max())}: attached after {int(meta['start_step'])} "
+                         "steps, recipe states from zero there)" if len(steps) else "")
             out.append(("training steps", f"{len(status)}{note}"))
     for key in ("mode", "created"):
         if meta.get(key):

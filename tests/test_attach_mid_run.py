@@ -43,6 +43,9 @@ def test_a_probe_attached_after_five_adam_steps_numbers_and_measures_from_step_s
     assert run.steps() == [6, 9, 12]  # the first step seen, then the schedule's own steps
     assert run.meta["start_step"] == 5
     assert any(e["kind"] == "attach" and "after 5 optimizer steps" in e["message"] for e in run.events())
+    from landscape.report import _metadata
+
+    assert ("training steps", "7 (steps 6–12: attached after 5 steps, recipe states from zero there)") in _metadata(run)
     # the training losses and gradient norms are the whole run's from step 6 on
     whole_steps = {r["step"]: r for r in ref.rows("steps")}
     for r in run.rows("steps"):
